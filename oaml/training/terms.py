@@ -1,0 +1,89 @@
+"""Pluggable loss terms of the one training loop.
+
+A term is an ``nn.Module`` built from its own strict config; the trainer sums
+``weight * term(state)`` over the method's terms. A term may
+
+- own parameters trained with the student (``student_parameters()``: e.g. the transfer MLP);
+- own a separate optimiser (``own_optimizer``: e.g. a CLUB estimator fitted by likelihood);
+- do work before the student's loss (``pre_step``: e.g. that estimator's likelihood step);
+- require inputs (``requires``): ``teacher`` outputs, auxiliary outlier images (``aux``), or an
+  outlier bank (``cood`` / ``dood``).
+
+Terms are registered with ``@TERMS.register(name)``; methods (``oaml.training.methods``) name
+the terms they use with their default settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, Iterable, Optional, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import StrictModel
+from ..registry import Registry
+from .state import StepState
+
+TERMS: Registry = Registry("loss term")
+
+
+class TermConfig(StrictModel):
+    weight: float = 1.0
+
+
+class BuildContext:
+    """What a term may need to build itself: dimensions, banks, device."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        feature_dim: int,
+        device: torch.device,
+        teacher_feature_dim: Optional[int] = None,
+        banks: Optional[Dict[str, Any]] = None,
+        aux_available: bool = False,
+    ):
+        self.num_classes = num_classes
+        self.feature_dim = feature_dim
+        self.device = device
+        self.teacher_feature_dim = teacher_feature_dim
+        self.banks = banks or {}
+        self.aux_available = aux_available
+
+
+class Term(nn.Module):
+    config_cls: ClassVar[Type[TermConfig]] = TermConfig
+    requires: ClassVar[frozenset] = frozenset()
+
+    def __init__(self, cfg: TermConfig, ctx: BuildContext):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = float(cfg.weight)
+
+    def student_parameters(self) -> Iterable[nn.Parameter]:
+        """Parameters updated by the student's optimiser together with the student."""
+        return self.parameters()
+
+    own_optimizer: Optional[torch.optim.Optimizer] = None
+
+    def pre_step(self, state: StepState) -> Dict[str, float]:
+        return {}
+
+    def forward(self, state: StepState) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@TERMS.register("ce")
+class CrossEntropyTerm(Term):
+    """Cross-entropy of the student's ID logits with the labels."""
+
+    def forward(self, state: StepState) -> torch.Tensor:
+        return F.cross_entropy(state.logits, state.labels)
+
+
+def build_term(name: str, cfg: Dict[str, Any] | TermConfig, ctx: BuildContext) -> Term:
+    cls = TERMS.get(name)
+    if not isinstance(cfg, TermConfig):
+        cfg = cls.config_cls.from_dict(cfg, source=f"loss term {name!r}")
+    return cls(cfg, ctx)

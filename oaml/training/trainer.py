@@ -1,0 +1,511 @@
+"""The one training loop that every method (vanilla, OAML, OE, ...) runs in.
+
+Per step: sample the ID batch (and auxiliary outlier images when the method uses them),
+augment the raw uint8 images, preprocess them for the student, run ID and auxiliary images
+through the student in ONE forward pass, get teacher outputs (live or cached), let terms do
+their pre-step work (e.g. fit a CLUB estimator), sum ``weight * term`` and take an SGD step with
+a per-iteration schedule.
+
+Determinism and resume: the epoch's sample order comes from ``DistributedSampler`` with
+``set_epoch`` (one process or many), and every random draw inside an epoch uses one
+``torch.Generator`` seeded from (seed, epoch). Checkpoints store the model, term modules,
+optimisers, schedulers, scaler, generator and global RNG states, the position inside the epoch
+and the history, written atomically; ``resume=True`` continues from ``last.pt`` and reaches the
+same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..errors import ConfigError, NonFiniteError
+from ..models.checkpoint import save_student
+from ..models.preprocess import Preprocess
+from ..models.resnet import create_model, load_weights
+from ..utils.device import amp_enabled, resolve_device, rng_state, set_rng_state
+from ..utils.io import atomic_path, check_writable, write_json
+from .config import TrainConfig
+from .methods import resolve_terms
+from .state import StepState
+from .terms import BuildContext, Term, build_term
+
+log = logging.getLogger(__name__)
+
+TeacherFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+"""(raw uint8 ID batch, dataset indices) -> (teacher logits, teacher features)."""
+
+
+# --------------------------------------------------------------------------------------------
+# batches
+# --------------------------------------------------------------------------------------------
+class BatchFetcher:
+    """Fetch raw ``(uint8 images, labels)`` for a list of dataset indices.
+
+    Datasets that expose ``images`` (uint8 ``(N, C, H, W)``) and ``labels`` tensors are indexed
+    directly (no per-item Python); any other map-style dataset goes through a DataLoader.
+    """
+
+    def __init__(self, dataset: Dataset, num_workers: int = 0):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        imgs = getattr(dataset, "images", None)
+        labs = getattr(dataset, "labels", None)
+        self.fast = isinstance(imgs, torch.Tensor) and isinstance(labs, torch.Tensor) and imgs.dtype == torch.uint8
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def batches(self, batches: Sequence[Sequence[int]]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self.fast:
+            for idx in batches:
+                t = torch.as_tensor(idx, dtype=torch.long)
+                yield self.dataset.images[t], self.dataset.labels[t].long()  # type: ignore[attr-defined]
+            return
+        loader = DataLoader(self.dataset, batch_sampler=[list(b) for b in batches], num_workers=self.num_workers, collate_fn=_collate)
+        yield from loader
+
+    def get(self, idx: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return next(iter(self.batches([idx])))
+
+
+def _collate(items: List[Tuple[torch.Tensor, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    imgs = torch.stack([torch.as_tensor(it[0]) for it in items])
+    labels = torch.as_tensor([int(it[1]) for it in items], dtype=torch.long)
+    return imgs, labels
+
+
+def augment_batch(x: torch.Tensor, flip: bool, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and pad-``pad`` random crop of a uint8 batch, vectorised."""
+    b, c, h, w = x.shape
+    if flip:
+        mask = torch.rand(b, generator=g) < 0.5
+        x = torch.where(mask.view(b, 1, 1, 1), x.flip(-1), x)
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+        rows = (oy[:, None] + torch.arange(h))[:, None, :, None].expand(b, c, h, w)
+        cols = (ox[:, None] + torch.arange(w))[:, None, None, :].expand(b, c, h, w)
+        x = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    return x
+
+
+def _seed_for(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 12345) % (2**63 - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+class _FeatureForward(nn.Module):
+    """Makes ``forward`` return ``(logits, features)`` so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_features(x)
+
+
+class Trainer:
+    """Train one student with one method.
+
+    Parameters
+    ----------
+    cfg: the run's :class:`TrainConfig`.
+    train_set, val_set: map-style datasets yielding ``(uint8 (C,H,W), label)``.
+    out_dir: where ``last.pt``, ``best.pt``, ``log.csv`` and ``summary.json`` go.
+    teacher: ``(raw uint8 batch, dataset indices) -> (logits, features)``, required by methods
+        with distillation terms; ``teacher_feature_dim`` its feature width.
+    aux_set: auxiliary outlier images for OE-style methods.
+    banks: outlier banks by name (``cood``, ``dood``) for MI / virtual-outlier terms.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        train_set: Dataset,
+        val_set: Dataset,
+        out_dir: str | Path,
+        num_classes: int,
+        in_channels: int,
+        teacher: Optional[TeacherFn] = None,
+        teacher_feature_dim: Optional[int] = None,
+        aux_set: Optional[Dataset] = None,
+        banks: Optional[Dict[str, Any]] = None,
+    ):
+        self.cfg = cfg
+        self.out_dir = check_writable(out_dir)
+        self.device = resolve_device(cfg.device)
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.train = BatchFetcher(train_set, cfg.data.num_workers)
+        self.val = BatchFetcher(val_set, cfg.data.num_workers)
+        self.aux = BatchFetcher(aux_set, cfg.data.num_workers) if aux_set is not None else None
+        self.teacher = teacher
+
+        torch.manual_seed(cfg.seed)
+        self.model = create_model(
+            cfg.student.name, num_classes=num_classes, in_channels=in_channels, width=cfg.student.width, stem=cfg.student.stem
+        )
+        if cfg.student.init_checkpoint:
+            load_weights(self.model, cfg.student.init_checkpoint)
+            log.info("student initialised from %s", cfg.student.init_checkpoint)
+        self.model.to(self.device)
+        self.preprocess = Preprocess.from_config(cfg.preprocess).to(self.device)
+        if cfg.preprocess.channels != in_channels:
+            raise ConfigError(
+                f"preprocess.channels={cfg.preprocess.channels} but the student is built for {in_channels} input "
+                "channels; set preprocess.channels to match the data"
+            )
+
+        ctx = BuildContext(
+            num_classes=num_classes,
+            feature_dim=self.model.feature_dim,
+            device=self.device,
+            teacher_feature_dim=teacher_feature_dim,
+            banks=banks or {},
+            aux_available=aux_set is not None,
+        )
+        self.term_cfgs = resolve_terms(cfg.method)
+        self.terms: Dict[str, Term] = {}
+        for name, tcfg in self.term_cfgs.items():
+            term = build_term(name, tcfg, ctx).to(self.device)
+            missing = self._missing_requirements(term, ctx)
+            if missing:
+                raise ConfigError(f"loss term {name!r} of method {cfg.method.name!r} needs {missing}")
+            self.terms[name] = term
+        self.term_modules = nn.ModuleDict(self.terms)
+        if self.teacher_needed and self.teacher is None:
+            raise ConfigError(f"method {cfg.method.name!r} uses a teacher but none was given (teacher.checkpoint)")
+        if self.teacher_needed and getattr(teacher, "cached", False) and (cfg.data.augment.flip or cfg.data.augment.crop_padding):
+            raise ConfigError(
+                "cached teacher outputs belong to the un-augmented images, but data.augment is on; set "
+                "teacher.cache: false (run the teacher every step) or turn augmentation off"
+            )
+
+        self.net: nn.Module = _FeatureForward(self.model)
+        if self.distributed:
+            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+            self.model = self.net.model  # type: ignore[assignment]
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+
+        params = list(self.model.parameters())
+        for term in self.terms.values():
+            params += [p for p in term.student_parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+        n_train = len(self.train)
+        self.steps_per_epoch = n_train // (cfg.data.batch_size * self.world)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"training set has {n_train} images, fewer than one batch of {cfg.data.batch_size} x {self.world} processes; "
+                "lower data.batch_size"
+            )
+        total = self.steps_per_epoch * o.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, total, o.warmup_steps, o.schedule))
+        self.use_amp = amp_enabled(self.device, cfg.amp)
+        self.amp_dtype = torch.bfloat16 if (self.use_amp and torch.cuda.is_bf16_supported()) else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.sampler = DistributedSampler(
+            range(n_train), num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_acc = -1.0
+        self.history: List[Dict[str, Any]] = []
+        self._gen_state: Optional[torch.Tensor] = None
+        self._tb = None
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def teacher_needed(self) -> bool:
+        return any("teacher" in t.requires for t in self.terms.values())
+
+    @staticmethod
+    def _missing_requirements(term: Term, ctx: BuildContext) -> Optional[str]:
+        if "aux" in term.requires and not ctx.aux_available:
+            return "auxiliary outlier images (data.aux)"
+        for bank in ("cood", "dood"):
+            if bank in term.requires and bank not in ctx.banks:
+                return f"a {bank.upper()} bank (outliers.{bank}_bank)"
+        if "teacher" in term.requires and ctx.teacher_feature_dim is None:
+            return "a teacher (teacher.checkpoint)"
+        return None
+
+    # ---------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "terms": self.term_modules.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "term_optimizers": {k: t.own_optimizer.state_dict() for k, t in self.terms.items() if t.own_optimizer is not None},
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_acc": self.best_acc,
+            "history": self.history,
+            "generator": self._gen_state,
+            "rng": rng_state(),
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("config", {}).get("method") != self.cfg.model_dump(mode="json")["method"]:
+            raise ConfigError(
+                f"the checkpoint in {self.out_dir} was made by method {state.get('config', {}).get('method')}, "
+                f"not {self.cfg.method.model_dump()}; use another output folder or --overwrite"
+            )
+        self.model.load_state_dict(state["model"])
+        self.term_modules.load_state_dict(state["terms"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for k, s in state["term_optimizers"].items():
+            self.terms[k].own_optimizer.load_state_dict(s)  # type: ignore[union-attr]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.best_acc = state["best_acc"]
+        self.history = state["history"]
+        self._gen_state = state["generator"]
+        set_rng_state(state["rng"])
+
+    def save(self, name: str = "last.pt") -> None:
+        if self.rank != 0:
+            return
+        with atomic_path(self.out_dir / name) as tmp:
+            torch.save(self.state_dict(), tmp)
+
+    def try_resume(self) -> bool:
+        path = self.out_dir / "last.pt"
+        if not path.exists():
+            return False
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step_in_epoch)
+        return True
+
+    # ---------------------------------------------------------------------------------------
+    def _teacher_outputs(self, raw: torch.Tensor, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        assert self.teacher is not None
+        with torch.no_grad():
+            t_logits, t_feats = self.teacher(raw, idx)
+        return t_logits.to(self.device).float(), t_feats.to(self.device).float()
+
+    def _step(self, raw: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> Dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        self.term_modules.train()
+        aug = cfg.data.augment
+        raw_aug = augment_batch(raw, aug.flip, aug.crop_padding, g) if (aug.flip or aug.crop_padding) else raw
+        x = self.preprocess(raw_aug.to(self.device, non_blocking=True))
+        labels = labels.to(self.device)
+        n_id = x.shape[0]
+        aux_x = None
+        if self.aux is not None and any("aux" in t.requires for t in self.terms.values()):
+            nb = cfg.data.aux.batch_size if cfg.data.aux and cfg.data.aux.batch_size else n_id
+            aux_idx = torch.randint(0, len(self.aux), (nb,), generator=g).tolist()
+            aux_raw, _ = self.aux.get(aux_idx)
+            if aug.flip or aug.crop_padding:
+                aux_raw = augment_batch(aux_raw, aug.flip, aug.crop_padding, g)
+            aux_x = self.preprocess(aux_raw.to(self.device))
+        inputs = x if aux_x is None else torch.cat([x, aux_x])  # ONE forward pass for ID + outliers
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            logits_all, feats_all = self.net(inputs)
+        logits_all, feats_all = logits_all.float(), feats_all.float()
+        state = StepState(
+            images=x,
+            labels=labels,
+            logits=logits_all[:n_id],
+            features=feats_all[:n_id],
+            generator=g,
+            epoch=self.epoch,
+            step=self.global_step,
+            aux_images=aux_x,
+            aux_logits=logits_all[n_id:] if aux_x is not None else None,
+            aux_features=feats_all[n_id:] if aux_x is not None else None,
+            model=self.model,
+        )
+        if self.teacher_needed:
+            state.teacher_logits, state.teacher_features = self._teacher_outputs(raw_aug, idx)
+        logs: Dict[str, float] = {}
+        for term in self.terms.values():
+            logs.update(term.pre_step(state))
+        total = torch.zeros((), device=self.device)
+        for name, term in self.terms.items():
+            value = term(state)
+            if not torch.isfinite(value).all():
+                raise NonFiniteError(
+                    f"loss term {name!r} became {value.item()} at epoch {self.epoch} step {self.global_step}; "
+                    f"the last good checkpoint is {self.out_dir / 'last.pt'}. Lower optim.lr or the term's weight, "
+                    "or check the inputs"
+                )
+            logs[name] = float(value.detach())
+            total = total + term.weight * value
+        logs["total"] = float(total.detach())
+        logs["train_acc"] = float((state.logits.argmax(1) == labels).float().mean())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return logs
+
+    @torch.no_grad()
+    def evaluate(self, fetcher: Optional[BatchFetcher] = None) -> float:
+        fetcher = fetcher or self.val
+        self.model.eval()
+        n = len(fetcher)
+        bs = self.cfg.data.eval_batch_size
+        correct = 0
+        for raw, labels in fetcher.batches([range(i, min(i + bs, n)) for i in range(0, n, bs)]):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                logits = self.model(self.preprocess(raw.to(self.device)))
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+        return correct / max(n, 1)
+
+    def fit(self, resume: bool = False) -> Dict[str, Any]:
+        cfg = self.cfg
+        if resume:
+            self.try_resume()
+        elif (self.out_dir / "last.pt").exists():
+            raise ConfigError(f"{self.out_dir} already holds a training run; pass --resume to continue it or --overwrite")
+        bs = cfg.data.batch_size
+        from tqdm.auto import tqdm
+
+        while self.epoch < cfg.optim.epochs:
+            self.sampler.set_epoch(self.epoch)
+            order = list(self.sampler)
+            batches = [order[i * bs : (i + 1) * bs] for i in range(self.steps_per_epoch)]
+            g = torch.Generator().manual_seed(_seed_for(cfg.seed, self.epoch))
+            if self.step_in_epoch and self._gen_state is not None:
+                g.set_state(self._gen_state)
+            sums: Dict[str, float] = {}
+            t0 = time.time()
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.step_in_epoch,
+                desc=f"{cfg.method.name} epoch {self.epoch + 1}/{cfg.optim.epochs}",
+                disable=not cfg.progress or self.rank != 0,
+                mininterval=2.0,
+                leave=False,
+            )
+            todo = batches[self.step_in_epoch :]
+            for idx, (raw, labels) in zip(todo, self.train.batches(todo)):
+                logs = self._step(raw, labels, torch.as_tensor(idx), g)
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                self.step_in_epoch += 1
+                self.global_step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['total']:.3f}", refresh=False)
+                if cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0 and self.step_in_epoch < self.steps_per_epoch:
+                    self._gen_state = g.get_state()
+                    self.save()
+            bar.close()
+            done_steps = len(todo)
+            val_acc = self.evaluate()
+            row = {
+                "epoch": self.epoch + 1,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                **{k: v / max(done_steps, 1) for k, v in sums.items()},
+                "val_acc": val_acc,
+                "seconds": time.time() - t0,
+                "steps": done_steps,
+            }
+            self.history.append(row)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self._gen_state = None
+            if val_acc >= self.best_acc:  # ties go to the later epoch, as the authors' selection
+                self.best_acc = val_acc
+                self._save_best(val_acc)
+            self.save()
+            self._log(row)
+            log.info(
+                "%s epoch %d/%d: loss %.4f val_acc %.4f (%.1fs)",
+                cfg.method.name, self.epoch, cfg.optim.epochs, row.get("total", float("nan")), val_acc, row["seconds"],
+            )
+        summary = {
+            "method": cfg.method.name,
+            "best_val_accuracy": self.best_acc,
+            "epochs": cfg.optim.epochs,
+            "seconds_per_epoch": float(np.mean([r["seconds"] for r in self.history])) if self.history else None,
+            "history": self.history,
+            "terms": self.term_cfgs,
+        }
+        if self.rank == 0:
+            write_json(self.out_dir / "summary.json", summary)
+        return summary
+
+    def _save_best(self, val_acc: float) -> None:
+        if self.rank != 0:
+            return
+        save_student(
+            self.out_dir / "best.pt",
+            self.model,
+            arch={"name": self.cfg.student.name, "width": self.cfg.student.width, "stem": self.cfg.student.stem,
+                  "num_classes": self.num_classes, "in_channels": self.in_channels},
+            preprocess=self.preprocess.config(),
+            meta={"epoch": self.epoch, "val_accuracy": val_acc, "method": self.cfg.method.name,
+                  "config": self.cfg.model_dump(mode="json")},
+        )
+
+    def _log(self, row: Dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        path = self.out_dir / "log.csv"
+        rows = self.history
+        keys: List[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                return
+            if self._tb is None:
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self._tb.add_scalar(k, v, row["epoch"])
+            self._tb.flush()
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * t))

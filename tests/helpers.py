@@ -1,0 +1,27 @@
+"""Small data the tests build themselves."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+
+class TinyImages(Dataset):
+    """uint8 images whose class is encoded by a bright square's position (learnable in a few steps)."""
+
+    def __init__(self, n: int = 64, num_classes: int = 4, size: int = 12, channels: int = 1, seed: int = 0, fast: bool = True):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        imgs = (torch.rand(n, channels, size, size, generator=g) * 60).to(torch.uint8)
+        step = size // num_classes
+        for i, c in enumerate(labels.tolist()):
+            imgs[i, :, c * step : (c + 1) * step, :] = 230
+        self._images, self._labels = imgs, labels
+        if fast:
+            self.images, self.labels = imgs, labels
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, i: int):
+        return self._images[i], int(self._labels[i])
