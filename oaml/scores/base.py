@@ -1,0 +1,322 @@
+"""Base API of post-hoc OOD scores: :class:`FeatureSet`, :class:`Score`, the ``SCORES`` registry.
+
+Convention: every score returns a float64 numpy array, **higher = more in-distribution**.
+
+A score is used in two steps, uniformly for every score::
+
+    s = create_score("vim", dim=256)
+    s.fit(train_features, head=model.fc_weights(), model=model, loader=train_loader)
+    conf = s.score(test_features, model=model, loader=test_loader)
+
+``fit_on`` names the ID split ``fit`` wants ("none", "train" or "val"); scores with
+``fit_on == "none"`` accept and ignore the fit call. Feature scores read only ``data`` (and
+``head``); only scores with ``requires_model = True`` (ODIN, Gram) use ``model`` and ``loader``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, NonFiniteError, ShapeError
+from ..registry import Registry
+
+__all__ = ["FeatureSet", "Score", "SCORES", "create_score", "Head"]
+
+SCORES: Registry = Registry("score")
+
+Head = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+@dataclass
+class FeatureSet:
+    """Cached network outputs of one split: what every feature score fits on and scores.
+
+    ``logits`` (N, C) float, ``features`` (N, D) penultimate features, ``labels`` (N,) int64
+    with -1 for OOD samples (or None). Shapes are checked on construction; finiteness is
+    checked by each score (so a cache may hold what it was given).
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    labels: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        for name in ("logits", "features", "labels"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, torch.Tensor):
+                setattr(self, name, torch.as_tensor(np.asarray(v)))
+        if self.logits.ndim != 2:
+            raise ShapeError(f"FeatureSet.logits must be (N, C), got shape {tuple(self.logits.shape)}")
+        if self.features.ndim != 2:
+            raise ShapeError(
+                f"FeatureSet.features must be (N, D) pooled penultimate features, got shape "
+                f"{tuple(self.features.shape)}"
+            )
+        n = self.logits.shape[0]
+        if self.features.shape[0] != n:
+            raise ShapeError(f"FeatureSet: {n} logit rows but {self.features.shape[0]} feature rows")
+        if self.labels is not None:
+            if self.labels.ndim != 1 or self.labels.shape[0] != n:
+                raise ShapeError(f"FeatureSet.labels must be ({n},), got shape {tuple(self.labels.shape)}")
+            if self.labels.dtype.is_floating_point or self.labels.dtype == torch.bool:
+                raise ShapeError(f"FeatureSet.labels must be integer class indices, got {self.labels.dtype}")
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logits.shape[1])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    score: str = "",
+) -> Any:
+    """sklearn-style hyperparameter check; raises ConfigError naming parameter, value, range."""
+    where = f"{score}: " if score else ""
+    lo = "-inf" if low is None else f"{low}"
+    hi = "inf" if high is None else f"{high}"
+    rng = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"{where}{name} must be an integer in {rng}, got {value!r}")
+        value = int(value)
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ConfigError(f"{where}{name} must be a number in {rng}, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}{name} must be a finite number in {rng}, got {value!r}")
+    bad = (
+        (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and (value >= high if high_open else value > high))
+    )
+    if bad:
+        raise ConfigError(f"{where}{name}={value!r} is out of range; allowed: {rng}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple, score: str = "") -> Any:
+    if value not in choices:
+        where = f"{score}: " if score else ""
+        raise ConfigError(f"{where}{name}={value!r} is not allowed; choose one of {list(choices)}")
+    return value
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    if t.dtype.is_floating_point:
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise NonFiniteError(
+                f"{what} contains {bad} non-finite value(s) (NaN or inf) out of {t.numel()}"
+            )
+
+
+def to_numpy64(t: torch.Tensor) -> np.ndarray:
+    out = t.detach().to("cpu", torch.float64).numpy()
+    return np.ascontiguousarray(out)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------- base class
+
+
+class Score:
+    """Base of all post-hoc scores. Subclasses implement ``_fit`` (if ``fit_on != "none"``)
+    and ``_score``; the public ``fit``/``score`` validate inputs first.
+
+    Subclasses set ``needs_features`` / ``needs_logits`` / ``needs_labels`` (for fit) and
+    ``needs_head``; the matching inputs are validated (shape, finiteness) before use.
+    """
+
+    name: ClassVar[str]
+    fit_on: ClassVar[str] = "none"
+    requires_model: ClassVar[bool] = False
+    needs_head: ClassVar[bool] = False
+    needs_fit_labels: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self._fitted = self.fit_on == "none"
+        self._dims: tuple[int, int] | None = None  # (C, D) seen at fit
+
+    # -- introspection ------------------------------------------------------------------------
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor arguments and their current values (what the search varies)."""
+        sig = inspect.signature(type(self).__init__)
+        return {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._fitted
+
+    # -- public API ---------------------------------------------------------------------------
+    def fit(
+        self,
+        data: FeatureSet | None = None,
+        *,
+        model: Any = None,
+        loader: Any = None,
+        head: Head | None = None,
+    ) -> "Score":
+        """Fit the score's state on the ID split named by ``fit_on``; returns ``self``.
+
+        Scores that need no fitting ignore every argument. Feature scores need ``data``;
+        ``head=(W, b)`` (``model.fc_weights()``) is needed by ViM, ReAct and GradNorm. Model
+        scores (``requires_model``) need ``model`` and ``loader``.
+        """
+        if self.fit_on == "none":
+            self._fitted = True
+            return self
+        if self.requires_model:
+            self._check_model_args(model, loader, "fit")
+            self._fit_model(model, loader)
+        else:
+            self._check_data(data, "fit", need_labels=self.needs_fit_labels)
+            W, b = self._check_head(head, data) if self.needs_head else (None, None)
+            self._dims = (data.num_classes, data.feature_dim)
+            self._fit(data, W, b)
+        self._fitted = True
+        return self
+
+    def score(self, data: FeatureSet | None = None, *, model: Any = None, loader: Any = None) -> np.ndarray:
+        """Scores of ``data`` (or of ``loader`` through ``model`` for model scores): float64,
+        shape (N,), higher = more in-distribution."""
+        if not self._fitted:
+            raise ConfigError(
+                f"{self.name}: call fit() on the ID {self.fit_on} split before score()"
+            )
+        if self.requires_model:
+            self._check_model_args(model, loader, "score")
+            out = self._score_model(model, loader)
+        else:
+            self._check_data(data, "score")
+            if self._dims is not None:
+                c, d = self._dims
+                if data.num_classes != c or data.feature_dim != d:
+                    raise ShapeError(
+                        f"{self.name}: fitted on C={c} classes and D={d} features, but got "
+                        f"C={data.num_classes}, D={data.feature_dim}"
+                    )
+            out = self._score(data)
+        out = np.asarray(out, dtype=np.float64).reshape(-1)
+        bad = int(np.count_nonzero(~np.isfinite(out)))
+        if bad:
+            raise NonFiniteError(f"{self.name} produced {bad} non-finite score(s) out of {out.size}")
+        return out
+
+    def __call__(self, data: FeatureSet | None = None, **kw: Any) -> np.ndarray:
+        return self.score(data, **kw)
+
+    # -- for subclasses -----------------------------------------------------------------------
+    def _fit(self, data: FeatureSet, W: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def _score(self, data: FeatureSet) -> np.ndarray:
+        raise NotImplementedError
+
+    def _fit_model(self, model: Any, loader: Any) -> None:
+        raise NotImplementedError
+
+    def _score_model(self, model: Any, loader: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_data(self, data: Any, stage: str, need_labels: bool = False) -> None:
+        if not isinstance(data, FeatureSet):
+            raise ShapeError(
+                f"{self.name}.{stage}() needs a FeatureSet (logits, features, labels), got "
+                f"{type(data).__name__}"
+            )
+        if len(data) == 0:
+            raise ShapeError(f"{self.name}.{stage}(): the FeatureSet is empty")
+        check_finite(data.logits, f"{self.name}.{stage}(): logits")
+        check_finite(data.features, f"{self.name}.{stage}(): features")
+        if need_labels:
+            if data.labels is None:
+                raise ShapeError(f"{self.name}.fit() needs labels in the FeatureSet")
+            lab = data.labels
+            if int(lab.min()) < 0 or int(lab.max()) >= data.num_classes:
+                raise ShapeError(
+                    f"{self.name}.fit(): labels must be ID class indices in [0, {data.num_classes - 1}], "
+                    f"got range [{int(lab.min())}, {int(lab.max())}] (drop OOD samples, marked -1)"
+                )
+
+    def _check_head(self, head: Any, data: FeatureSet) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if head is None:
+            raise ConfigError(
+                f"{self.name}.fit() needs head=(W, b), the last linear layer "
+                "(pass head=model.fc_weights())"
+            )
+        if not isinstance(head, (tuple, list)) or len(head) != 2:
+            raise ShapeError(f"{self.name}: head must be a tuple (W, b), got {type(head).__name__}")
+        W, b = head
+        W = torch.as_tensor(W).detach().to("cpu", torch.float64)
+        C, D = data.num_classes, data.feature_dim
+        if W.shape != (C, D):
+            raise ShapeError(f"{self.name}: head W must be (C, D) = ({C}, {D}), got {tuple(W.shape)}")
+        check_finite(W, f"{self.name}: head weight W")
+        if b is not None:
+            b = torch.as_tensor(b).detach().to("cpu", torch.float64)
+            if b.shape != (C,):
+                raise ShapeError(f"{self.name}: head bias b must be ({C},), got {tuple(b.shape)}")
+            check_finite(b, f"{self.name}: head bias b")
+        return W, b
+
+    def _check_model_args(self, model: Any, loader: Any, stage: str) -> None:
+        if model is None or loader is None:
+            raise ConfigError(
+                f"{self.name}.{stage}() needs model= (a Classifier) and loader= (yielding "
+                "preprocessed (x, y) batches)"
+            )
+
+
+def create_score(name: str, **kwargs: Any) -> Score:
+    """Build a registered score by name; unknown keyword arguments are a ConfigError."""
+    cls = SCORES.get(name)
+    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ConfigError(
+            f"score {name!r} has no parameter(s) {unknown}; allowed: {params or 'none'}"
+        )
+    return cls(**kwargs)
+
+
+def softmax64(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return torch.softmax(logits.to(torch.float64) / temperature, dim=1)
+
+
+def energy64(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    z = logits.to(torch.float64)
+    return temperature * torch.logsumexp(z / temperature, dim=1)

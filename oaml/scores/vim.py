@@ -1,0 +1,70 @@
+"""ViM: virtual-logit matching."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .base import SCORES, FeatureSet, Score, check_number, to_numpy64
+
+
+@SCORES.register("vim")
+class ViM(Score):
+    r"""Energy minus the scaled norm of the feature residual outside the principal subspace,
+
+    .. math:: s(x) = \log\sum_c e^{z_c} - \alpha\, \| (f - u)\, R \|_2,
+
+    with :math:`u = -W^{+} b` (the origin that makes the head bias-free), :math:`R` the
+    eigenvectors of the uncentred covariance :math:`\frac1N\sum (f-u)(f-u)^\top` of ID train
+    features *outside* the top-``dim`` ones (``eigh``, float64), and
+    :math:`\alpha = \mathrm{mean}_{train}\max_c z_c / \mathrm{mean}_{train}\|(f-u)R\|`.
+
+    Paper: Wang et al., "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022.
+    Default ``dim=256`` (for 512-d features); ``1 <= dim < D`` is checked at fit (ConfigError),
+    which avoids OpenOOD's empty null space (alpha = inf, NaN scores) for dim >= D.
+
+    Fit on ID **train** (``fit_on="train"``) with ``head=(W, b)`` (``model.fc_weights()``;
+    ``b=None`` gives ``u=0``). The logits are read from the FeatureSet (for train: alpha; for
+    test: the energy), so they must be the head's output. Differences: OpenOOD uses ``np.linalg.eig``
+    on a symmetric matrix (here ``eigh``: real, sorted, stable). pytorch-ood requires ``d``
+    with no default, silently halves it when D < d, clips logits to +-100 and returns the negation.
+    """
+
+    name = "vim"
+    fit_on = "train"
+    needs_head = True
+
+    def __init__(self, dim: int = 256):
+        super().__init__()
+        self.dim = check_number("dim", dim, low=1, integer=True, score=self.name)
+
+    def _fit(self, data: FeatureSet, W, b) -> None:
+        D = data.feature_dim
+        if self.dim >= D:
+            raise ConfigError(
+                f"vim: dim={self.dim} must be < the feature dimension D={D} (allowed: 1..{D - 1}); "
+                "the residual space would be empty"
+            )
+        Wn = W.numpy()
+        u = -np.linalg.pinv(Wn) @ b.numpy() if b is not None else np.zeros(D)
+        X = to_numpy64(data.features) - u
+        cov = X.T @ X / X.shape[0]
+        evals, evecs = np.linalg.eigh(cov)  # ascending
+        self.u_ = u
+        self.residual_basis_ = np.ascontiguousarray(evecs[:, : D - self.dim])  # smallest D-dim
+        vlogit = np.linalg.norm(X @ self.residual_basis_, axis=1)
+        max_logit = to_numpy64(data.logits).max(axis=1)
+        denom = float(vlogit.mean())
+        if not denom > 0:
+            raise ConfigError(
+                f"vim: the train features have no component outside the top-{self.dim} principal "
+                "subspace (residual norm 0); use a smaller dim"
+            )
+        self.alpha_ = float(max_logit.mean()) / denom
+
+    def _score(self, data: FeatureSet) -> np.ndarray:
+        X = to_numpy64(data.features) - self.u_
+        vlogit = np.linalg.norm(X @ self.residual_basis_, axis=1)
+        energy = torch.logsumexp(data.logits.to(torch.float64), dim=1).numpy()
+        return energy - self.alpha_ * vlogit
