@@ -146,7 +146,7 @@ class Gram(Score):
                     hi.scatter_reduce_(0, idx, gf, reduce="amax", include_self=True)
 
         self._run(model, loader, step)
-        empty = torch.flatnonzero(state["count"] == 0).tolist()
+        empty = torch.nonzero(state["count"] == 0).flatten().tolist()
         if empty:
             raise ConfigError(
                 f"gram: class(es) {empty} received no fit sample (group_by={self.group_by!r}); use a "
@@ -159,7 +159,7 @@ class Gram(Score):
         hold_cls = torch.cat(state["hold_cls"])
         E = self._deviation(hold, hold_cls).mean(dim=0)  # (L,)
         if not bool((E > 0).all()):
-            zero = torch.flatnonzero(E <= 0).tolist()
+            zero = torch.nonzero(E <= 0).flatten().tolist()
             raise ConfigError(
                 f"gram: the hold-out samples show zero deviation at layer(s) {zero}, so the layer "
                 "normaliser is 0; use more hold-out data (larger holdout or fit split)"

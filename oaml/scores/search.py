@@ -41,7 +41,13 @@ def _grid_points(grid: Mapping[str, Sequence[Any]]) -> List[Dict[str, Any]]:
 
 
 def _as_list(x: Any) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+    """A Mapping {name: set} or a list of FeatureSets is several sets; anything else is one
+    (a loader may itself be a list of batches, so lists count only when they hold FeatureSets)."""
+    if isinstance(x, Mapping):
+        return list(x.values())
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, FeatureSet) for v in x):
+        return list(x)
+    return [x]
 
 
 def search_hyperparameters(
@@ -61,7 +67,8 @@ def search_hyperparameters(
 
     For each point: ``create_score(name, **fixed, **point).fit(fit_data, head=head,
     model=model, loader=fit_loader)``, then scores of ``id_val`` and of each set in ``ood_val``
-    (FeatureSets, or loaders for model scores such as ODIN/Gram), and ``metric`` (a key of
+    (FeatureSets, or loaders for model scores such as ODIN/Gram; several sets as a dict
+    ``{name: set}`` or a list of FeatureSets), and ``metric`` (a key of
     :func:`oaml.evaluation.metrics.ood_metrics`, default AUROC) averaged over the OOD-val sets.
     ``fit_data`` is the split named by the score's ``fit_on`` (ID train, or ID val: then pass
     the ID-val FeatureSet again). Best = max (AUROC, AUPR, ...) or min (FPR, detection error);
