@@ -1,0 +1,635 @@
+"""C-OOD: k-NN boundary sampling of outlier embeddings (SPEC section 1, step 2; paper section 4.1).
+
+For every class ``c``, on the L2-normalised ID features ``Z_c`` (n x D):
+
+1. ``d_K(z)``: distance from ``z`` to its K-th nearest neighbour in ``Z_c``, ``z`` itself excluded.
+2. Boundary points: the ``S`` points of ``Z_c`` with the largest ``d_K``.
+3. For each boundary point ``b``: ``N`` candidates ``v = normalise(b + sigma * eps)``,
+   ``eps ~ N(0, I)``, with FRESH noise for every boundary point.
+4. Score each candidate by its ``d_K`` against ``Z_c`` (the candidate is not in ``Z_c``, so its
+   K-th neighbour is taken over all ``n`` points) and keep, per boundary point, the ``m``
+   candidates with the LARGEST ``d_K``.
+5. Repeat ``R`` times: the class contributes ``R * S * m`` vectors, labelled with ``c``.
+
+Exactness and backends
+----------------------
+Distances are computed in two passes. A fast float32 pass (``torch``: chunked matmul + top-k,
+using ``||a - b||^2 = 2 - 2 a.b`` on unit vectors; ``faiss``: ``IndexFlatIP``, or ``IndexIVFFlat``)
+ranks all points; then every point whose float32 score is within a rigorous float32 error bound
+of the selection threshold is rescored in float64 on the CPU (exact squared distances
+``|q|^2 + |z|^2 - 2 q.z``), and the final choice is made on those float64 scores, ties going to the
+lower index. The selection is therefore exact, does not depend on the backend, the device, the
+chunk size or BLAS summation order, and the ``torch`` and exact ``faiss`` backends return
+bit-identical vectors on the same device. ``faiss_index="ivf"`` is approximate: points the IVF
+search ranks too low are never rescored, so it may miss some of the true farthest candidates
+(use it for very large classes only; raise ``ivf_nprobe`` to trade speed for recall).
+
+Randomness
+----------
+All noise comes from one ``torch.Generator`` per class (on the CPU by default, so results do not
+depend on the device). Draw order, part of the contract: for repeat ``r`` and boundary point
+``i`` (boundary points ordered by decreasing ``d_K``, ties by lower row) the noise block is the
+``(r * S + i)``-th call ``torch.randn((N, D), generator=g)``. :func:`sample_outliers` seeds the
+generator of class ``c`` from ``(seed, c)`` only, so classes are independent of each other and of
+the order in which they are processed, and a resumed run equals an uninterrupted one.
+
+``reference_bugs=True`` (ablation / reproduction ONLY, never the default) reproduces the
+authors' release (DreamOOD/NPOS ``KNN.py``): per repeat a random permutation of the boundary
+pool, ONE noise draw shared by all boundary points, the boundary ``d_K`` taken with the point
+itself counted as its own first neighbour, and the scrambled selection (``view(N, S)`` of the
+block-ordered distance vector, top-``m`` along dim 0, point ``j * N + row`` returned), which
+keeps effectively random candidates instead of the farthest ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import Field, ValidationError
+
+from .. import __version__
+from ..config import StrictModel, format_validation_error
+from ..errors import BankError, ConfigError, DataError, ShapeError
+from ..utils.device import resolve_device
+from .bank import Bank, BankWriter
+
+log = logging.getLogger(__name__)
+
+#: Vectors per bank shard when ``sample_outliers(shard_size=None)``: whole classes, about this many rows.
+SHARD_TARGET_ROWS = 32768
+#: Rows per float64 rescoring block (fixed, see _exact_kth_d2).
+_RESCORE_ROWS = 64
+#: float32 unit round-off; used to bound the error of the fast pass.
+_U32 = 2.0**-24
+
+
+class KNNSamplerConfig(StrictModel):
+    """Settings of the k-NN boundary sampler. Defaults are the paper's / authors' (CIFAR-10: R=10)."""
+
+    K: int = Field(300, ge=1, description="K of the K-th nearest neighbour distance; clamped to n_c - 1")
+    S: int = Field(50, ge=1, description="boundary points per class (largest d_K)")
+    N: int = Field(1500, ge=1, description="Gaussian candidates per boundary point")
+    sigma: float = Field(0.07, gt=0, allow_inf_nan=False, description="std of the noise per dimension")
+    m: int = Field(2, ge=1, description="candidates kept per boundary point (largest d_K)")
+    R: int = Field(10, ge=1, description="repeats; a class yields R*S*m vectors (authors: 10 C-10, 100 C-100, 25 IN-1k)")
+    features_per_class: Optional[int] = Field(
+        500, ge=2, description="seeded random subset of each class's ID features (None = all); authors: 500"
+    )
+    backend: Literal["torch", "faiss", "auto"] = Field(
+        "auto", description="auto = torch for exact (flat) search, faiss for ivf; the choice is logged"
+    )
+    faiss_index: Literal["flat", "ivf"] = Field("flat", description="flat = exact; ivf = approximate (faiss only)")
+    ivf_nlist: Optional[int] = Field(None, ge=1, description="IVF lists (None = min(4*sqrt(n), n/39), at least 1)")
+    ivf_nprobe: int = Field(8, ge=1, description="IVF lists probed per query")
+    chunk_size: Optional[int] = Field(
+        None, ge=1, description="query rows per search block (None = from chunk_mb); rounded to whole boundary points"
+    )
+    chunk_mb: float = Field(128.0, gt=0, description="working-memory budget of one search block, MiB")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    noise_device: Literal["cpu", "compute"] = Field(
+        "cpu", description="cpu = device-independent results (default); compute = faster on GPU, device-dependent"
+    )
+    seed: int = Field(0, ge=0)
+    rescale_norm: Optional[float] = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="multiply the unit output vectors by this norm (e.g. the token-embedding norm for Stable Diffusion)",
+    )
+    reference_bugs: bool = Field(
+        False,
+        description="ABLATION/REPRODUCTION ONLY: the authors' scrambled selection, shared noise and self-counting d_K",
+    )
+
+    def __init__(self, **data: Any):
+        source = data.pop("__source__", "k-NN sampler settings")
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, type(self), source)) from None
+        self.check(source)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> "KNNSamplerConfig":
+        data = dict(data or {})
+        bad = [k for k in data if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"invalid {source}: keys must be names, got {bad!r}")
+        return cls(**data, __source__=source)
+
+    def check(self, source: str = "k-NN sampler settings") -> None:
+        """Cross-field checks (also run by the samplers, since ``model_copy(update=...)`` skips validation)."""
+        problems = []
+        if self.m > self.N:
+            problems.append(f"m={self.m} candidates cannot be kept out of N={self.N}; use m <= N")
+        if self.faiss_index == "ivf" and self.backend == "torch":
+            problems.append("faiss_index='ivf' needs backend 'faiss' or 'auto' (the torch backend is exact only)")
+        for key in ("K", "S", "N", "m", "R", "ivf_nprobe"):
+            if int(getattr(self, key)) < 1:
+                problems.append(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            problems.append(f"sigma must be a positive number, got {self.sigma}")
+        if self.features_per_class is not None and self.features_per_class < 2:
+            problems.append(f"features_per_class must be at least 2 (or None = all), got {self.features_per_class}")
+        if problems:
+            raise ConfigError(f"invalid {source} ({type(self).__name__}):\n  " + "\n  ".join(problems))
+
+    @property
+    def per_class(self) -> int:
+        """Vectors produced per class: R * S * m."""
+        return self.R * self.S * self.m
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that determine the output (recorded in the bank; must match to resume)."""
+        keys = ["K", "S", "N", "sigma", "m", "R", "features_per_class", "seed", "rescale_norm", "reference_bugs",
+                "noise_device"]
+        out = {k: getattr(self, k) for k in keys}
+        if self.faiss_index == "ivf":
+            out["search"] = {"index": "ivf", "nlist": self.ivf_nlist, "nprobe": self.ivf_nprobe}
+        else:
+            out["search"] = "exact"
+        return out
+
+
+@dataclass
+class ClassSample:
+    """Output of :func:`sample_class_outliers` with ``return_info=True``.
+
+    Distances are Euclidean (not squared), exact float64 values on the normalised vectors.
+    """
+
+    vectors: torch.Tensor  # (R*S*m, D) float32, CPU; order: repeat, boundary slot, kept (farthest first)
+    K: int  # effective K after clamping
+    boundary_index: torch.Tensor  # (S,) rows of Z, by decreasing d_K (ties: lower row first)
+    boundary_dk: torch.Tensor  # (S,) float64 d_K of those rows (itself excluded; included in reference mode)
+    centers: torch.Tensor  # (R, S) row of Z each output block came from (= boundary_index unless reference_bugs)
+    kept_index: torch.Tensor  # (R, S, m) candidate index (0..N-1) within its block's N candidates
+    kept_dk: torch.Tensor  # (R, S, m) float64 d_K of the kept candidates (in reference mode: of the scored one)
+
+
+# --------------------------------------------------------------------------------------------
+# search backends: K-th largest inner product of query rows against the class matrix
+# --------------------------------------------------------------------------------------------
+class _TorchSearch:
+    name = "torch"
+
+    def __init__(self, Z: torch.Tensor, device: torch.device):
+        self.device = device
+        self.Zt = Z.to(device).t().contiguous()
+        self.n = Z.shape[0]
+
+    def kth_sim(self, Q: torch.Tensor, k: int) -> torch.Tensor:
+        out = torch.empty(Q.shape[0], device=self.device)
+        # Blocks of rows keep the (rows, n) similarities and the top-k buffers small.
+        step = max(1, (1 << 22) // max(self.n, k))
+        for a in range(0, Q.shape[0], step):
+            sims = Q[a:a + step].to(self.device) @ self.Zt
+            # the k-th largest value, via the cheaper side of the top-k
+            if k <= self.n - k + 1:
+                out[a:a + step] = torch.topk(sims, k, dim=1, largest=True, sorted=False).values.amin(dim=1)
+            else:
+                out[a:a + step] = torch.topk(sims, self.n - k + 1, dim=1, largest=False, sorted=False).values.amax(dim=1)
+        return out
+
+
+def _import_faiss():
+    try:
+        import faiss  # type: ignore
+    except ImportError:
+        raise ConfigError(
+            "backend 'faiss' needs the faiss package, which is not installed: pip install 'oaml[faiss]' "
+            "(faiss-cpu; faiss-gpu for GPU indexes), or use backend 'torch'"
+        ) from None
+    return faiss
+
+
+def _faiss_gpus(faiss) -> int:
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
+class _FaissSearch:
+    name = "faiss"
+
+    def __init__(self, Z: torch.Tensor, cfg: KNNSamplerConfig, device: torch.device):
+        faiss = _import_faiss()
+        self.n, D = Z.shape
+        self.kind = cfg.faiss_index
+        Zn = np.ascontiguousarray(Z.detach().cpu().numpy(), dtype=np.float32)
+        if cfg.faiss_index == "flat":
+            index = faiss.IndexFlatIP(D)
+        else:
+            nlist = cfg.ivf_nlist or max(1, min(int(round(4 * math.sqrt(self.n))), self.n // 39))
+            if nlist > self.n:
+                raise ConfigError(f"ivf_nlist={nlist} exceeds the class size {self.n}; use a smaller ivf_nlist")
+            quantizer = faiss.IndexFlatIP(D)
+            index = faiss.IndexIVFFlat(quantizer, D, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = 1234  # deterministic k-means
+            index.train(Zn)
+            index.nprobe = min(cfg.ivf_nprobe, nlist)
+            self._quantizer = quantizer  # keep alive
+        index.add(Zn)
+        self.gpu = device.type == "cuda"
+        if self.gpu:
+            res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(res, device.index or 0, index)
+            self._res = res
+        self.index = index
+
+    def kth_sim(self, Q: torch.Tensor, k: int) -> torch.Tensor:
+        if self.gpu and k > 2048:
+            raise ConfigError(f"faiss GPU indexes return at most 2048 neighbours; K={k} is too large (use backend torch)")
+        q = np.ascontiguousarray(Q.detach().cpu().numpy(), dtype=np.float32)
+        out = np.empty(len(q), np.float32)
+        step = max(1, (1 << 22) // k)  # bounds faiss's (rows, k) result buffers
+        for a in range(0, len(q), step):
+            sims, ids = self.index.search(q[a:a + step], k)
+            if (ids[:, k - 1] < 0).any():
+                bad = int((ids[:, k - 1] < 0).sum())
+                raise ConfigError(
+                    f"the faiss {self.kind} search found fewer than K={k} neighbours for {bad} of {len(ids)} queries "
+                    f"(nprobe={getattr(self.index, 'nprobe', '-')} of {getattr(self.index, 'nlist', '-')} lists); "
+                    "raise ivf_nprobe or use faiss_index 'flat'"
+                )
+            out[a:a + step] = sims[:, k - 1]
+        return torch.from_numpy(out)
+
+
+_LOGGED: set = set()
+
+
+def _resolve(cfg: KNNSamplerConfig) -> tuple[str, torch.device, str]:
+    """(backend, compute device, why) for ``cfg``; raises ConfigError for impossible requests."""
+    backend, why = cfg.backend, "asked for"
+    if backend == "auto":
+        if cfg.faiss_index == "ivf":
+            backend, why = "faiss", "auto: faiss_index='ivf' needs faiss"
+        else:
+            backend, why = "torch", "auto: exact search, where the torch backend measured fastest (benchmarks/knn_sampling.py)"
+    if backend == "torch":
+        return backend, resolve_device(cfg.device), why
+    faiss = _import_faiss()
+    if cfg.device == "auto":
+        gpu = _faiss_gpus(faiss) > 0 and torch.cuda.is_available()
+        return backend, torch.device("cuda", 0) if gpu else torch.device("cpu"), why
+    device = resolve_device(cfg.device)
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"the faiss backend runs on cpu or cuda, not {cfg.device!r}")
+    if device.type == "cuda" and _faiss_gpus(faiss) == 0:
+        raise ConfigError(
+            f"device {cfg.device!r} was asked for the faiss backend, but this faiss has no GPU support; "
+            "install faiss-gpu, or use device 'cpu', or backend 'torch'"
+        )
+    return backend, device, why
+
+
+def _make_search(Z: torch.Tensor, cfg: KNNSamplerConfig):
+    backend, device, why = _resolve(cfg)
+    key = (backend, str(device), cfg.faiss_index, why)
+    if key not in _LOGGED:  # once per process and choice
+        _LOGGED.add(key)
+        log.info("k-NN sampler: backend %s (%s), index %s, device %s", backend, why,
+                 cfg.faiss_index if backend == "faiss" else "exact matmul", device)
+    if backend == "torch":
+        return _TorchSearch(Z, device), device
+    return _FaissSearch(Z, cfg, device), device
+
+
+@contextlib.contextmanager
+def _full_fp32() -> Iterator[None]:
+    """No TF32/bf16 shortcuts in float32 matmuls: the error bound of the fast pass relies on it."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+# --------------------------------------------------------------------------------------------
+# exact (float64) rescoring and shortlist selection
+# --------------------------------------------------------------------------------------------
+def _exact_kth_d2(Q: torch.Tensor, Z64: torch.Tensor, z2: torch.Tensor, k: int,
+                  exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Float64 squared distance from each row of ``Q`` to its k-th nearest row of ``Z64`` (CPU).
+
+    ``exclude[i]`` (a row of ``Z64``) is left out of row i's neighbours (the point itself).
+    """
+    Q64 = Q.detach().to("cpu", torch.float64)
+    L = Q64.shape[0]
+    out = torch.empty(L, dtype=torch.float64)
+    # Fixed 64-row blocks (zero-padded): BLAS results then do not depend on how many rows were
+    # shortlisted or where a row sits, so every backend gets bit-identical scores.
+    blk = _RESCORE_ROWS
+    Qp = torch.zeros(-(-L // blk) * blk, Q64.shape[1], dtype=torch.float64)
+    Qp[:L] = Q64
+    ZT = Z64.T.contiguous()
+    for a in range(0, L, blk):
+        q = Qp[a:a + blk]
+        d2 = (q * q).sum(1, keepdim=True) + z2[None, :] - 2.0 * (q @ ZT)
+        d2.clamp_(min=0.0)
+        rows = min(blk, L - a)
+        d2 = d2[:rows]
+        if exclude is not None:
+            d2[torch.arange(rows), exclude[a:a + rows]] = math.inf
+        out[a:a + rows] = torch.kthvalue(d2, k, dim=1).values
+    return out
+
+
+def _select_top(approx: torch.Tensor, k: int, tol: float,
+                exact_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``approx`` (G, M; larger = farther) the ``k`` entries with the largest EXACT score.
+
+    Only entries whose approximate score is within ``tol`` of the row's k-th best approximate
+    score are rescored by ``exact_fn(rows, cols) -> float64``; with ``tol`` at least twice the
+    approximation error this is the exact top-k. Ties go to the lower column. Returns
+    ``(cols (G, k) long, exact (G, k) float64)``, each row by decreasing exact score.
+    """
+    approx = approx.detach().float().cpu()
+    thr = torch.topk(approx, k, dim=1).values[:, -1:]
+    rows, cols = torch.nonzero(approx >= thr - tol, as_tuple=True)
+    exact = exact_fn(rows, cols)
+    full = torch.full(approx.shape, -math.inf, dtype=torch.float64)
+    full[rows, cols] = exact
+    vals, order = torch.sort(full, dim=1, descending=True, stable=True)
+    return order[:, :k].contiguous(), vals[:, :k].contiguous()
+
+
+def _tolerance(D: int) -> float:
+    # |float32 dot - exact| <= D*u*|a||b| (recursive summation; blocked BLAS does better), on unit
+    # vectors; squared distance 2 - 2s doubles it; the norms of float32 unit vectors add ~1e-7.
+    # Both the threshold and the candidate may be off by that much: twice the bound, plus slack.
+    return 2.0 * (2.0 * D * _U32 + 1e-6) + 1e-6
+
+
+def _chunk_rows(cfg: KNNSamplerConfig, n: int, D: int, k: int) -> int:
+    if cfg.chunk_size is not None:
+        return cfg.chunk_size
+    per_row = 4 * D + 64  # the candidate block; search buffers are bounded separately (about 2^22 values)
+    return max(1, int(cfg.chunk_mb * (1 << 20) // per_row))
+
+
+# --------------------------------------------------------------------------------------------
+# one class
+# --------------------------------------------------------------------------------------------
+def _normalise_class(Z: torch.Tensor) -> torch.Tensor:
+    if not isinstance(Z, torch.Tensor):
+        Z = torch.as_tensor(np.asarray(Z))
+    if Z.ndim != 2:
+        raise ShapeError(f"class features must be a 2-D (n, D) tensor, got shape {tuple(Z.shape)}")
+    Z = Z.detach().to("cpu", torch.float32)
+    if not torch.isfinite(Z).all():
+        raise DataError(f"class features hold {int((~torch.isfinite(Z)).sum())} non-finite values")
+    norms = Z.norm(dim=1, keepdim=True)
+    if (norms == 0).any():
+        raise DataError(f"{int((norms == 0).sum())} class feature vectors are all zeros and cannot be L2-normalised")
+    return Z / norms
+
+
+def _check_class(n: int, cfg: KNNSamplerConfig, label: str, log_clamp: bool = True) -> int:
+    """Effective K for a class of ``n`` vectors; ConfigError when the class cannot be sampled."""
+    if n == 0:
+        raise ConfigError(f"{label} is empty: there is nothing to sample around")
+    if n < 2:
+        raise ConfigError(f"{label} has a single vector: the K-th neighbour distance needs at least 2 (K clamps to n-1 >= 1)")
+    if cfg.S > n:
+        raise ConfigError(f"S={cfg.S} boundary points cannot be chosen among the {n} vectors of {label}; use S <= {n}")
+    K = cfg.K
+    if K > n - 1:
+        K = n - 1
+        if log_clamp:
+            log.info("K=%d clamped to n-1=%d for %s (%d vectors)", cfg.K, K, label, n)
+    return K
+
+
+def _candidates(B: torch.Tensor, eps: torch.Tensor, sigma: float, inplace: bool = False) -> torch.Tensor:
+    """normalise(b + sigma * eps): B (G, D), eps (G, N, D) (or expanded, shared) -> (G, N, D).
+
+    One code path for every caller, so a candidate is bit-identical wherever it is (re)made.
+    ``inplace=True`` overwrites ``eps`` (which must not be an expanded view).
+    """
+    v = eps.mul_(sigma) if inplace else eps * sigma
+    v += B[:, None, :]
+    v /= torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    return v
+
+
+def sample_class_outliers(Z: torch.Tensor, cfg: KNNSamplerConfig | None = None,
+                          generator: torch.Generator | None = None, return_info: bool = False,
+                          label: str = "the class", _log_clamp: bool = True):
+    """C-OOD vectors for one class: ``(R*S*m, D)`` float32 on the CPU (see the module docstring).
+
+    ``Z``: the class's ID features (normalised here). ``generator``: the noise source (default:
+    a CPU generator seeded with ``cfg.seed``). With ``return_info=True`` returns a
+    :class:`ClassSample` holding the boundary points, kept candidate indices and exact distances.
+    Output vectors are unit vectors, times ``cfg.rescale_norm`` when set.
+    """
+    cfg = cfg or KNNSamplerConfig()
+    cfg.check()
+    Z = _normalise_class(Z)
+    n, D = Z.shape
+    K = _check_class(n, cfg, label, log_clamp=_log_clamp)
+    S, N, m, R, sigma = cfg.S, cfg.N, cfg.m, cfg.R, cfg.sigma
+    ref = cfg.reference_bugs
+    search, compute = _make_search(Z, cfg)
+    noise_dev = torch.device("cpu") if cfg.noise_device == "cpu" else compute
+    if generator is None:
+        generator = torch.Generator(device=noise_dev).manual_seed(cfg.seed)
+    elif torch.device(generator.device).type != noise_dev.type:
+        raise ConfigError(
+            f"the generator lives on {generator.device} but noise_device={cfg.noise_device!r} draws noise on "
+            f"{noise_dev}; pass a generator on {noise_dev}"
+        )
+    Z64 = Z.to(torch.float64)
+    z2 = (Z64 * Z64).sum(1)
+    tol = _tolerance(D)
+    rows_per_chunk = _chunk_rows(cfg, n, D, K)
+    Zc = Z.to(compute)
+
+    with _full_fp32():
+        # 1-2. boundary points: d_K with the point itself excluded (reference: included).
+        kq = K if ref else min(K + 1, n)
+        approx = torch.empty(n)
+        for a in range(0, n, rows_per_chunk):
+            approx[a:a + rows_per_chunk] = (2.0 - 2.0 * search.kth_sim(Zc[a:a + rows_per_chunk], kq)).float().cpu()
+
+        def exact_boundary(_rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+            return _exact_kth_d2(Z[cols], Z64, z2, K, exclude=None if ref else cols)
+
+        bidx, bd2 = _select_top(approx[None, :], S, tol, exact_boundary)
+        boundary_index, boundary_d2 = bidx[0], bd2[0]
+        Bpts = Zc[boundary_index]  # (S, D)
+
+        out = torch.empty(R, S, m, D, dtype=torch.float32)
+        centers = torch.empty(R, S, dtype=torch.long)
+        kept_index = torch.empty(R, S, m, dtype=torch.long)
+        kept_d2 = torch.empty(R, S, m, dtype=torch.float64)
+        bpc = max(1, rows_per_chunk // N)  # boundary points per chunk
+        buf = torch.empty(min(bpc, S), N, D, device=noise_dev)
+
+        for r in range(R):
+            if not ref:
+                centers[r] = boundary_index
+                for a in range(0, S, bpc):
+                    g = min(bpc, S - a)
+                    eps = buf[:g]
+                    for j in range(g):  # fresh noise per boundary point, fixed draw order
+                        torch.randn((N, D), generator=generator, out=eps[j])
+                    cand = _candidates(Bpts[a:a + g], eps.to(compute), sigma, inplace=True)  # (g, N, D)
+                    flat = cand.reshape(g * N, D)
+                    approx = (2.0 - 2.0 * search.kth_sim(flat, K)).float().cpu().reshape(g, N)
+
+                    def exact_cand(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+                        return _exact_kth_d2(cand[rows.to(compute), cols.to(compute)], Z64, z2, K)
+
+                    sel, d2 = _select_top(approx, m, tol, exact_cand)
+                    kept_index[r, a:a + g] = sel
+                    kept_d2[r, a:a + g] = d2
+                    gi = torch.arange(g)[:, None].expand(g, m).to(compute)
+                    out[r, a:a + g] = cand[gi, sel.to(compute)].float().cpu()
+            else:
+                # The authors' loop: permuted pool, one shared noise draw, scrambled selection.
+                perm = torch.randperm(S, generator=generator, device=noise_dev).cpu()
+                order = boundary_index[perm]
+                centers[r] = order
+                eps = torch.randn((N, D), generator=generator, device=noise_dev).to(compute)
+                Bo = Zc[order]
+                flat_scores = torch.empty(S, N)
+                for a in range(0, S, bpc):
+                    g = min(bpc, S - a)
+                    cand = _candidates(Bo[a:a + g], eps[None].expand(g, N, D), sigma)
+                    flat_scores[a:a + g] = (2.0 - 2.0 * search.kth_sim(cand.reshape(g * N, D), K)).float().cpu().reshape(g, N)
+                # flat position p = block*N + row; view(N, S): column j holds positions t*S + j.
+                scr = flat_scores.reshape(-1).view(N, S).t()  # (S, N): [j, t] = flat[t*S + j]
+
+                def exact_scr(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+                    pos = cols * S + rows
+                    blk, rr = pos // N, pos % N
+                    v = _candidates(Bo[blk.to(compute)], eps[rr.to(compute)][:, None, :], sigma)[:, 0]
+                    return _exact_kth_d2(v, Z64, z2, K)
+
+                sel, d2 = _select_top(scr, m, tol, exact_scr)  # sel[j] = rows chosen in column j
+                kept_index[r] = sel
+                kept_d2[r] = d2
+                blocks = torch.arange(S)[:, None].expand(S, m)
+                # the authors return point j*N + row: block j's candidate `row`, not the one scored
+                v = _candidates(Bo[blocks.reshape(-1).to(compute)], eps[sel.reshape(-1).to(compute)][:, None, :], sigma)
+                out[r] = v[:, 0].float().cpu().reshape(S, m, D)
+
+    vectors = out.reshape(R * S * m, D)
+    if cfg.rescale_norm is not None:
+        vectors = vectors * cfg.rescale_norm
+    if not return_info:
+        return vectors
+    return ClassSample(
+        vectors=vectors, K=K, boundary_index=boundary_index, boundary_dk=boundary_d2.sqrt(),
+        centers=centers, kept_index=kept_index, kept_dk=kept_d2.sqrt(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# whole bank
+# --------------------------------------------------------------------------------------------
+def class_seed(seed: int, c: int, stream: int = 0) -> int:
+    """Seed of class ``c``'s generator (stream 0: noise; 1: feature subset), from ``(seed, c)`` only."""
+    entropy = [int(seed), abs(int(c)), int(c < 0), int(stream)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _source_fingerprint(bank: Bank) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([bank.kind, bank.dim, len(bank)]).encode())
+    for s in bank.manifest["shards"]:
+        h.update(str(s.get("sha256")).encode())
+    return h.hexdigest()
+
+
+def sample_outliers(id_bank: Bank | str | Path, out_path: str | Path, cfg: KNNSamplerConfig | None = None,
+                    progress: bool = True, resume: bool = True, overwrite: bool = False,
+                    shard_size: int | None = None) -> Bank:
+    """Sample C-OOD vectors for every class of ``id_bank`` and write them as a ``kind="cood"`` bank.
+
+    Classes are processed one at a time, reading only that class from the (memory-mapped) ID
+    bank, so memory does not grow with the number of classes. Class ``c`` uses generators seeded
+    from ``(cfg.seed, c)``; an interrupted run (whole shards are on disk) resumes with
+    ``resume=True`` and produces exactly the bank an uninterrupted run would.
+    ``shard_size``: rows per shard (None: whole classes, about 32k rows per shard).
+    """
+    cfg = cfg or KNNSamplerConfig()
+    cfg.check()
+    src = id_bank if isinstance(id_bank, Bank) else Bank.open(id_bank)
+    if src.kind in ("cood", "dood"):
+        raise BankError(f"{src.path} is a {src.kind!r} bank; k-NN sampling needs an ID feature bank")
+    classes = [int(c) for c in src.classes]
+    if not classes:
+        raise ConfigError(f"ID bank {src.path} holds no vectors")
+    per = cfg.per_class
+    # Every class is checked before anything is written.
+    counts = np.bincount(np.searchsorted(classes, src.labels), minlength=len(classes))
+    used = [int(n) if cfg.features_per_class is None else min(int(n), cfg.features_per_class) for n in counts]
+    clamped = [c for c, n in zip(classes, used) if _check_class(n, cfg, f"class {c}", log_clamp=False) < cfg.K]
+    if clamped:
+        log.info("K=%d clamped to n_c-1 for %d of %d classes (smallest class: %d vectors used)", cfg.K,
+                 len(clamped), len(classes), min(used))
+    if shard_size is None:
+        shard_size = per * max(1, SHARD_TARGET_ROWS // per)
+    src_meta = src.meta
+    meta = {
+        "sampler": "knn-boundary",
+        "config": cfg.result_settings(),
+        "seed": cfg.seed,
+        "per_class": per,
+        "classes": classes,
+        "source_bank": str(Path(src.path).resolve()),
+        "source_kind": src.kind,
+        "source_count": len(src),
+        "source_fingerprint": _source_fingerprint(src),
+        "source_meta": src_meta,
+        "teacher": src_meta.get("teacher"),
+        "dataset": src_meta.get("dataset"),
+    }
+    out_path = Path(out_path)
+    if resume and not overwrite and (out_path / "manifest.json").is_file():
+        try:
+            done = Bank.open(out_path)
+        except BankError:
+            done = None
+        if done is not None and done.kind == "cood" and done.dim == src.dim and \
+                done.meta == json.loads(json.dumps(meta, default=str)):
+            log.info("C-OOD bank %s is already complete with these settings; nothing to do", out_path)
+            return done
+    writer = BankWriter(out_path, "cood", src.dim, meta, shard_size=shard_size, resume=resume, overwrite=overwrite)
+    done_classes, skip = divmod(writer.written, per)
+    if writer.written:
+        log.info("resuming %s: %d rows on disk (%d whole classes)", out_path, writer.written, done_classes)
+    backend, device, why = _resolve(cfg)
+    log.info("k-NN sampler: %d classes, backend %s (%s), device %s, K=%d S=%d N=%d sigma=%g m=%d R=%d -> %d "
+             "vectors per class%s", len(classes), backend, why, device, cfg.K, cfg.S, cfg.N, cfg.sigma, cfg.m,
+             cfg.R, per, "; REFERENCE-BUGS MODE (ablation/reproduction only)" if cfg.reference_bugs else "")
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    bar = tqdm(total=len(classes), initial=done_classes, disable=not progress, desc="C-OOD", unit="class") if tqdm else None
+    for j, c in enumerate(classes):
+        if j < done_classes:
+            continue
+        Z = src.class_vectors(c, limit=cfg.features_per_class, seed=class_seed(cfg.seed, c, 1))
+        g_dev = "cpu" if cfg.noise_device == "cpu" else device
+        gen = torch.Generator(device=g_dev).manual_seed(class_seed(cfg.seed, c, 0))
+        v = sample_class_outliers(torch.from_numpy(Z), cfg, gen, label=f"class {c}", _log_clamp=False)
+        labels = np.full(v.shape[0], c, dtype=np.int64)
+        if j == done_classes and skip:
+            v, labels = v[skip:], labels[skip:]
+        writer.add(v, labels)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return writer.close()
