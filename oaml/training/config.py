@@ -16,29 +16,19 @@ class AugmentConfig(StrictModel):
     crop_padding: int = Field(4, ge=0)
 
 
-class AuxConfig(StrictModel):
-    """Auxiliary outlier images (OE-style methods), drawn from a dataset's outlier-exposure pool."""
-
-    dataset: str
-    split: str = "oe"
-    batch_size: Optional[int] = Field(None, ge=1)  # default: the ID batch size
-    root: Optional[str] = None
-
-
 class DataConfig(StrictModel):
-    dataset: str = "fashion_mnist"
+    """ID data come from a named benchmark (``oaml data list`` shows them); auxiliary outlier
+    images for OE-style methods come from that benchmark's outlier-exposure pool."""
+
+    benchmark: str = "fmnist"
     root: Optional[str] = None
-    train_split: str = "train"
-    val_split: str = "val"
-    train_limit: Optional[int] = Field(None, ge=1)  # seeded subset of the training set
+    train_limit: Optional[int] = Field(None, ge=1)  # seeded, class-stratified subset of ID train
     val_limit: Optional[int] = Field(None, ge=1)
-    image_size: Optional[int] = Field(None, ge=4)
-    channels: Optional[int] = None
     batch_size: int = Field(128, ge=2)
+    aux_batch_size: Optional[int] = Field(None, ge=1)  # default: the ID batch size
     eval_batch_size: int = Field(512, ge=1)
     num_workers: int = Field(0, ge=0)
     augment: AugmentConfig = AugmentConfig()
-    aux: Optional[AuxConfig] = None
 
 
 class StudentConfig(StrictModel):

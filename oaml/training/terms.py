@@ -65,6 +65,11 @@ class Term(nn.Module):
         """Parameters updated by the student's optimiser together with the student."""
         return self.parameters()
 
+    def student_param_groups(self) -> list:
+        """Param groups for the student's optimiser; a group may set its own ``lr``."""
+        params = [p for p in self.student_parameters() if p.requires_grad]
+        return [{"params": params}] if params else []
+
     own_optimizer: Optional[torch.optim.Optimizer] = None
 
     def pre_step(self, state: StepState) -> Dict[str, float]:

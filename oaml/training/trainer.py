@@ -40,7 +40,7 @@ from ..utils.io import atomic_path, check_writable, write_json
 from .config import TrainConfig
 from .methods import resolve_terms
 from .state import StepState
-from .terms import BuildContext, Term, build_term
+from .terms import TERMS, BuildContext, Term, build_term
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +191,10 @@ class Trainer:
         self.term_cfgs = resolve_terms(cfg.method)
         self.terms: Dict[str, Term] = {}
         for name, tcfg in self.term_cfgs.items():
-            term = build_term(name, tcfg, ctx).to(self.device)
-            missing = self._missing_requirements(term, ctx)
+            missing = self._missing_requirements(TERMS.get(name), ctx)
             if missing:
                 raise ConfigError(f"loss term {name!r} of method {cfg.method.name!r} needs {missing}")
-            self.terms[name] = term
+            self.terms[name] = build_term(name, tcfg, ctx).to(self.device)
         self.term_modules = nn.ModuleDict(self.terms)
         if self.teacher_needed and self.teacher is None:
             raise ConfigError(f"method {cfg.method.name!r} uses a teacher but none was given (teacher.checkpoint)")
@@ -212,11 +211,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
 
-        params = list(self.model.parameters())
+        groups: List[Dict[str, Any]] = [{"params": list(self.model.parameters())}]
         for term in self.terms.values():
-            params += [p for p in term.student_parameters() if p.requires_grad]
+            groups += term.student_param_groups()
         o = cfg.optim
-        self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
         n_train = len(self.train)
         self.steps_per_epoch = n_train // (cfg.data.batch_size * self.world)
         if self.steps_per_epoch < 1:
@@ -246,12 +245,12 @@ class Trainer:
         return any("teacher" in t.requires for t in self.terms.values())
 
     @staticmethod
-    def _missing_requirements(term: Term, ctx: BuildContext) -> Optional[str]:
+    def _missing_requirements(term: Any, ctx: BuildContext) -> Optional[str]:
         if "aux" in term.requires and not ctx.aux_available:
-            return "auxiliary outlier images (data.aux)"
+            return "auxiliary outlier images (the benchmark's outlier-exposure pool)"
         for bank in ("cood", "dood"):
             if bank in term.requires and bank not in ctx.banks:
-                return f"a {bank.upper()} bank (outliers.{bank}_bank)"
+                return f"a {bank[0].upper()}-OOD bank (outliers.{bank}_bank)"
         if "teacher" in term.requires and ctx.teacher_feature_dim is None:
             return "a teacher (teacher.checkpoint)"
         return None
@@ -328,7 +327,7 @@ class Trainer:
         n_id = x.shape[0]
         aux_x = None
         if self.aux is not None and any("aux" in t.requires for t in self.terms.values()):
-            nb = cfg.data.aux.batch_size if cfg.data.aux and cfg.data.aux.batch_size else n_id
+            nb = cfg.data.aux_batch_size or n_id
             aux_idx = torch.randint(0, len(self.aux), (nb,), generator=g).tolist()
             aux_raw, _ = self.aux.get(aux_idx)
             if aug.flip or aug.crop_padding:

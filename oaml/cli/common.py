@@ -1,0 +1,63 @@
+"""Helpers shared by the commands: config loading with ``--set`` overrides, output folders."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Type, TypeVar
+
+import yaml
+
+from ..config import StrictModel
+from ..errors import ConfigError
+
+M = TypeVar("M", bound=StrictModel)
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=0.01 (repeatable; VALUE is YAML)",
+    )
+
+
+def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(cls: Type[M], path: str | None, overrides: List[str]) -> M:
+    data: Dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must hold a mapping of keys to values")
+    return cls.from_dict(apply_overrides(data, overrides), source=str(path or "config"))
+
+
+def prepare_out(out: str | Path, resume: bool, overwrite: bool, marker: str) -> Path:
+    """Refuse to write over earlier results unless --resume or --overwrite says what to do."""
+    out = Path(out)
+    if (out / marker).exists() and not resume:
+        if not overwrite:
+            raise ConfigError(f"{out} already holds results ({marker}); pass --resume to continue or --overwrite to replace them")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,63 @@
+"""Evaluate a checkpoint on a named benchmark in one call (what ``oaml eval`` runs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .evaluator import DEFAULT_SCORES, Evaluator, OODSet
+from .features import file_digest
+from .report import write_report
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    benchmark: str,
+    out_dir: str | Path,
+    scores: Optional[Sequence[str]] = None,
+    extra_ood: Sequence[Tuple[str, str, str]] = (),
+    score_kwargs: Optional[Dict[str, Dict[str, Any]]] = None,
+    fit_limit: Optional[int] = None,
+    batch_size: int = 512,
+    device: str = "auto",
+    root: Optional[str] = None,
+    plots: bool = True,
+    cache_dir: Optional[str | Path] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    from ..data import get_benchmark
+    from ..models.checkpoint import load_student
+    from ..utils.device import resolve_device
+
+    bench = get_benchmark(benchmark)
+    for name, path, group in extra_ood:
+        bench = bench.with_extra_ood(name, path, group)
+    dev = resolve_device(device)
+    model, pre, meta = load_student(checkpoint, dev, expect_classes=bench.num_classes)
+    if pre.channels != bench.channels:
+        from ..errors import ShapeError
+
+        raise ShapeError(f"checkpoint {checkpoint} takes {pre.channels}-channel input but benchmark {benchmark!r} has {bench.channels}")
+    missing = [r.name for r in bench.ood_test_sets if not r.available(root)]
+    if missing:
+        from ..errors import DataError
+
+        raise DataError(
+            f"benchmark {benchmark!r} lacks OOD sets {', '.join(missing)} under the data root; "
+            f"run `oaml data prepare` for them (see `oaml data list`)"
+        )
+    ood = [OODSet(r.name, r.group, bench.build_ood(r, root)) for r in bench.ood_test_sets]
+    ev = Evaluator(
+        model, pre, bench.id_train(root), bench.id_val(root), bench.id_test(root), ood,
+        scores=list(scores or DEFAULT_SCORES), score_kwargs=score_kwargs, device=dev, batch_size=batch_size,
+        cache_dir=cache_dir or Path(out_dir) / "feature_cache", model_id=file_digest(checkpoint),
+        benchmark=benchmark, fit_limit=fit_limit, progress=progress,
+    )
+    results = ev.run()
+    results["checkpoint"] = str(checkpoint)
+    results["checkpoint_meta"] = {k: v for k, v in meta.items() if k != "config"}
+    write_report(out_dir, results, ev.raw_scores, plots=plots)
+    return results

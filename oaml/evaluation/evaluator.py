@@ -1,0 +1,171 @@
+"""One object that takes a classifier and a benchmark to a results table.
+
+Features of every split are extracted once (and cached on disk per checkpoint), every
+feature-based score fits on its stated ID split and scores from those features; ODIN and Gram
+get the model and a loader. Metrics are computed per OOD set and averaged (plain means) over
+the near, far and all groups. Values in the results are percentages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from ..errors import ConfigError
+from ..utils.device import resolve_device
+from .features import FeatureCache, PreprocessedLoader, extract_features
+from .metrics import ood_metrics
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("fpr95", "fpr95_id_pos", "auroc", "aupr_in", "aupr_out", "detection_error")
+DEFAULT_SCORES = ("msp", "odin", "mds", "klm", "gram", "react", "gradnorm", "vim", "knn", "gen", "ebo", "mls")
+
+
+@dataclass
+class OODSet:
+    name: str
+    group: str  # "near" | "far"
+    dataset: Dataset
+
+
+class Evaluator:
+    """Evaluate ``model`` (a :class:`~oaml.models.adapter.Classifier`) with post-hoc scores.
+
+    ``id_train`` feeds the scores that fit on ID train (MDS, KNN, ViM, Gram), ``id_val`` those
+    that fit on ID validation data (ReAct, KLM); ``id_test`` and ``ood_sets`` are scored.
+    ``fit_limit`` caps the number of ID train images used for fitting (seeded subset).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        preprocess: nn.Module,
+        id_train: Dataset,
+        id_val: Dataset,
+        id_test: Dataset,
+        ood_sets: Sequence[OODSet],
+        scores: Sequence[str] = DEFAULT_SCORES,
+        score_kwargs: Optional[Dict[str, Dict[str, Any]]] = None,
+        device: str | torch.device = "auto",
+        batch_size: int = 512,
+        cache_dir: Optional[str | Path] = None,
+        model_id: Optional[str] = None,
+        benchmark: str = "custom",
+        fit_limit: Optional[int] = None,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        from ..scores import SCORES
+
+        for s in scores:
+            SCORES.get(s)  # unknown names fail here, before any work
+        for s in score_kwargs or {}:
+            if s not in scores:
+                raise ConfigError(f"score settings given for {s!r}, which is not among the scores evaluated ({', '.join(scores)})")
+        if not ood_sets:
+            raise ConfigError("no OOD sets to evaluate against")
+        names = [o.name for o in ood_sets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"OOD set names must be unique, got {names}")
+        for o in ood_sets:
+            if o.group not in ("near", "far"):
+                raise ConfigError(f"OOD set {o.name!r} has group {o.group!r}; use 'near' or 'far'")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.preprocess = preprocess.to(self.device)
+        if fit_limit is not None and len(id_train) > fit_limit:  # type: ignore[arg-type]
+            idx = np.sort(np.random.default_rng(seed).choice(len(id_train), fit_limit, replace=False))  # type: ignore[arg-type]
+            id_train = _subset(id_train, idx)
+        self.splits: Dict[str, Dataset] = {"id_train": id_train, "id_val": id_val, "id_test": id_test}
+        self.ood_sets = list(ood_sets)
+        self.score_names = list(scores)
+        self.score_kwargs = score_kwargs or {}
+        self.batch_size = batch_size
+        self.benchmark = benchmark
+        self.progress = progress
+        self.cache = FeatureCache(cache_dir, model_id) if cache_dir and model_id else None
+        self._feats: Dict[str, Any] = {}
+        self.timings: Dict[str, float] = {}
+
+    # ---------------------------------------------------------------------------------------
+    def features(self, key: str, dataset: Dataset):
+        if key not in self._feats:
+            compute = lambda: extract_features(  # noqa: E731
+                self.model, self.preprocess, dataset, self.batch_size, self.device, self.progress, desc=key
+            )
+            meta = {"count": len(dataset), "preprocess": getattr(self.preprocess, "config", lambda: {})()}  # type: ignore[arg-type]
+            self._feats[key] = self.cache.get_or_compute(key, meta, compute) if self.cache else compute()
+        return self._feats[key]
+
+    def _loader(self, dataset: Dataset) -> PreprocessedLoader:
+        return PreprocessedLoader(dataset, self.preprocess, min(self.batch_size, 256), self.device)
+
+    def run(self) -> Dict[str, Any]:
+        from ..scores import create_score
+
+        t0 = time.time()
+        test = self.features("id_test", self.splits["id_test"])
+        id_acc = float((test.logits.argmax(1) == test.labels).double().mean()) * 100
+        ood_feats = {o.name: self.features(f"ood_{o.name}", o.dataset) for o in self.ood_sets}
+        self.timings["features"] = time.time() - t0
+        head = tuple(t.detach().cpu() if t is not None else None for t in self.model.fc_weights())  # type: ignore[operator]
+        results: Dict[str, Any] = {"benchmark": self.benchmark, "id_accuracy": id_acc, "scores": {}}
+        self.raw_scores: Dict[str, Dict[str, np.ndarray]] = {}
+        for name in self.score_names:
+            t1 = time.time()
+            score = create_score(name, **self.score_kwargs.get(name, {}))
+            fit_split = {"train": "id_train", "val": "id_val"}.get(score.fit_on)
+            fit_data = self.features(fit_split, self.splits[fit_split]) if fit_split else None
+            if score.requires_model:
+                loader = self._loader(self.splits[fit_split]) if fit_split else None
+                score.fit(fit_data, model=self.model, loader=loader, head=head)
+                s_id = score.score(test, model=self.model, loader=self._loader(self.splits["id_test"]))
+                s_ood = {o.name: score.score(ood_feats[o.name], model=self.model, loader=self._loader(o.dataset)) for o in self.ood_sets}
+            else:
+                score.fit(fit_data, head=head)
+                s_id = score.score(test)
+                s_ood = {k: score.score(v) for k, v in ood_feats.items()}
+            self.raw_scores[name] = {"id_test": np.asarray(s_id, np.float64), **{k: np.asarray(v, np.float64) for k, v in s_ood.items()}}
+            per_set = {}
+            for o in self.ood_sets:
+                m = ood_metrics(s_id, s_ood[o.name])
+                per_set[o.name] = {k: 100.0 * float(m[k]) for k in METRIC_KEYS} | {"group": o.group}
+            entry: Dict[str, Any] = {"datasets": per_set}
+            for group in ("near", "far", "all"):
+                members = [v for v in per_set.values() if group == "all" or v["group"] == group]
+                if members:
+                    entry[group] = {k: float(np.mean([v[k] for v in members])) for k in METRIC_KEYS}
+            results["scores"][name] = entry
+            self.timings[name] = time.time() - t1
+            log.info("%s: AUROC %.2f FPR@95 %.2f (%.1fs)", name, entry["all"]["auroc"], entry["all"]["fpr95"], self.timings[name])
+        results["timings_seconds"] = dict(self.timings)
+        results["ood_sets"] = [{"name": o.name, "group": o.group, "count": len(o.dataset)} for o in self.ood_sets]  # type: ignore[arg-type]
+        return results
+
+
+def _subset(dataset: Dataset, idx: np.ndarray) -> Dataset:
+    """A subset that keeps the fast ``images``/``labels`` path when the dataset has one."""
+    imgs, labs = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+    if isinstance(imgs, torch.Tensor) and isinstance(labs, torch.Tensor):
+        return _TensorSubset(imgs[torch.as_tensor(idx)], labs[torch.as_tensor(idx)])
+    return Subset(dataset, idx.tolist())
+
+
+class _TensorSubset(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])

@@ -1,0 +1,162 @@
+"""Write evaluation results: ``results.json``, ``results.md`` (the paper's layout), ``results.csv``,
+raw scores (``scores.npz``) and plots (score histograms ID vs each OOD set, ROC curves)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..utils.io import atomic_path, atomic_write_text, write_json
+
+METRIC_NAMES = {
+    "fpr95": "FPR@95 (OOD-positive: % of ID flagged OOD when 95% of OOD are caught; OpenOOD v1.5 / paper)",
+    "fpr95_id_pos": "FPR@95 (ID-positive: % of OOD accepted when 95% of ID are kept; ODIN/Energy/KNN papers)",
+    "auroc": "AUROC",
+    "aupr_in": "AUPR with ID as positive",
+    "aupr_out": "AUPR with OOD as positive",
+    "detection_error": "minimum over thresholds of 0.5 (1 - TPR) + 0.5 FPR",
+}
+
+
+def markdown_table(results: Dict[str, Any], title: Optional[str] = None) -> str:
+    """Rows = scores; columns = FPR@95 / AUROC per OOD set, near / far / all means, ID accuracy."""
+    scores = results["scores"]
+    if not scores:
+        return ""
+    first = next(iter(scores.values()))
+    sets = list(first["datasets"])
+    groups = [g for g in ("near", "far", "all") if g in first]
+    head = ["score"] + [f"{s} ({first['datasets'][s]['group']})" for s in sets] + [f"{g} mean" for g in groups] + ["ID acc"]
+    lines = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, entry in scores.items():
+        cells = [name.upper()]
+        for s in sets:
+            d = entry["datasets"][s]
+            cells.append(f"{d['fpr95']:.2f} / {d['auroc']:.2f}")
+        for g in groups:
+            cells.append(f"**{entry[g]['fpr95']:.2f} / {entry[g]['auroc']:.2f}**")
+        cells.append(f"{results['id_accuracy']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Cells are FPR@95 (OOD-positive) / AUROC, in %. Lower FPR and higher AUROC are better."]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(runs: Dict[str, Dict[str, Any]], scores: Sequence[str], group: str = "all") -> str:
+    """Methods side by side: one row per (method, score) with FPR@95 / AUROC of ``group`` and ID acc."""
+    lines = [
+        f"| method | score | FPR@95 (OOD+) ↓ | FPR@95 (ID+) ↓ | AUROC ↑ | AUPR-in ↑ | AUPR-out ↑ | ID acc ↑ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, res in runs.items():
+        for s in scores:
+            if s not in res["scores"]:
+                continue
+            m = res["scores"][s][group]
+            lines.append(
+                f"| {method} | {s.upper()} | {m['fpr95']:.2f} | {m['fpr95_id_pos']:.2f} | {m['auroc']:.2f} | "
+                f"{m['aupr_in']:.2f} | {m['aupr_out']:.2f} | {res['id_accuracy']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str | Path, results: Dict[str, Any], raw_scores: Optional[Dict[str, Dict[str, np.ndarray]]] = None, plots: bool = True) -> Dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md", "csv": out / "results.csv"}
+    write_json(paths["json"], results)
+    md = [f"# OOD evaluation: {results.get('benchmark', '')}", ""]
+    if results.get("checkpoint"):
+        md += [f"Checkpoint: `{results['checkpoint']}`", ""]
+    md += [f"ID accuracy: **{results['id_accuracy']:.2f}%**", "", markdown_table(results), "", "Metrics:", ""]
+    md += [f"- `{k}`: {v}" for k, v in METRIC_NAMES.items()]
+    if "ood_sets" in results:
+        md += ["", "OOD sets: " + ", ".join(f"{o['name']} ({o['group']}, n={o['count']})" for o in results["ood_sets"])]
+    atomic_write_text(paths["md"], "\n".join(md) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["score", "dataset", "group", *METRIC_NAMES, "id_accuracy"])
+    for score, entry in results["scores"].items():
+        for name, d in entry["datasets"].items():
+            w.writerow([score, name, d["group"], *[f"{d[k]:.4f}" for k in METRIC_NAMES], f"{results['id_accuracy']:.4f}"])
+        for g in ("near", "far", "all"):
+            if g in entry:
+                w.writerow([score, f"mean_{g}", g, *[f"{entry[g][k]:.4f}" for k in METRIC_NAMES], f"{results['id_accuracy']:.4f}"])
+    atomic_write_text(paths["csv"], buf.getvalue())
+    if raw_scores:
+        flat = {f"{s}/{k}": v for s, d in raw_scores.items() for k, v in d.items()}
+        with atomic_path(out / "scores.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **flat)
+        paths["scores"] = out / "scores.npz"
+        if plots:
+            paths.update(plot_scores(out / "plots", raw_scores, results))
+    return paths
+
+
+def plot_scores(out_dir: Path, raw_scores: Dict[str, Dict[str, np.ndarray]], results: Dict[str, Any]) -> Dict[str, Path]:
+    """Histograms of each score, ID test vs each OOD set (the paper's figure 6), and ROC curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: Dict[str, Path] = {}
+    for score, sets in raw_scores.items():
+        ood_names = [k for k in sets if k != "id_test"]
+        n = len(ood_names)
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+        for ax, name in zip(axes[0], ood_names):
+            a, b = sets["id_test"], sets[name]
+            lo, hi = np.percentile(np.concatenate([a, b]), [0.5, 99.5])
+            if hi <= lo:
+                hi = lo + 1e-6
+            bins = np.linspace(lo, hi, 50)
+            ax.hist(np.clip(a, lo, hi), bins=bins, alpha=0.55, density=True, label="ID")
+            ax.hist(np.clip(b, lo, hi), bins=bins, alpha=0.55, density=True, label=name)
+            auroc = results["scores"][score]["datasets"][name]["auroc"]
+            ax.set_title(f"{name} (AUROC {auroc:.1f})", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{score.upper()} score (higher = ID)", fontsize=10)
+        fig.tight_layout()
+        p = out_dir / f"hist_{score}.png"
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+        plt.close(fig)
+        paths[f"hist_{score}"] = p
+
+        fig, ax = plt.subplots(figsize=(3.6, 3.4))
+        for name in ood_names:
+            fpr, tpr = _roc(sets["id_test"], sets[name])
+            ax.plot(fpr, tpr, label=name)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_xlabel("FPR (OOD accepted)")
+        ax.set_ylabel("TPR (ID accepted)")
+        ax.set_title(f"ROC, {score.upper()}", fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out_dir / f"roc_{score}.png"
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+        plt.close(fig)
+        paths[f"roc_{score}"] = p
+    return paths
+
+
+def _roc(id_s: np.ndarray, ood_s: np.ndarray):
+    """ROC with ID as positive; thresholds at distinct score values (ties handled as one step)."""
+    s = np.concatenate([id_s, ood_s])
+    y = np.concatenate([np.ones_like(id_s), np.zeros_like(ood_s)])
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(y)[distinct]
+    fp = np.cumsum(1 - y)[distinct]
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]

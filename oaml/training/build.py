@@ -1,0 +1,106 @@
+"""Build a :class:`Trainer` from a :class:`TrainConfig`: data from the benchmark, outlier banks,
+teacher (live or cached outputs), auxiliary outlier images. Shared by ``oaml train`` and the
+pipeline."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from ..errors import ConfigError
+from .config import TrainConfig
+from .methods import resolve_terms
+from .terms import TERMS
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def _limit(dataset, limit: Optional[int], seed: int):
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    from ..data.base import seeded_split
+
+    labels = np.asarray(getattr(dataset, "labels"))
+    _, keep = seeded_split(labels, limit, seed)
+    return dataset.subset(np.sort(keep))
+
+
+def method_requirements(cfg: TrainConfig) -> set:
+    req: set = set()
+    for name in resolve_terms(cfg.method):
+        req |= set(TERMS.get(name).requires)
+    return req
+
+
+def build_trainer(cfg: TrainConfig, out_dir: str | Path, teacher: Any = None) -> Trainer:
+    """``teacher``: an already loaded teacher function (the pipeline passes one); otherwise the
+    config's ``teacher.checkpoint`` is loaded when the method needs a teacher."""
+    from ..data import get_benchmark
+    from ..outliers.bank import Bank
+
+    bench = get_benchmark(cfg.data.benchmark)
+    train = _limit(bench.id_train(cfg.data.root), cfg.data.train_limit, cfg.seed)
+    val = _limit(bench.id_val(cfg.data.root), cfg.data.val_limit, cfg.seed + 1)
+    req = method_requirements(cfg)
+    banks: Dict[str, Any] = {}
+    for kind in ("cood", "dood"):
+        path = getattr(cfg.outliers, f"{kind}_bank")
+        if kind in req:
+            if not path:
+                raise ConfigError(f"method {cfg.method.name!r} needs a {kind.upper()} bank: set outliers.{kind}_bank")
+            banks[kind] = Bank.open(path)
+    aux = bench.oe_dataset(cfg.data.root) if "aux" in req else None
+    teacher_fn, teacher_dim = None, None
+    if "teacher" in req:
+        if teacher is None:
+            if not cfg.teacher.checkpoint:
+                raise ConfigError(f"method {cfg.method.name!r} distils from a teacher: set teacher.checkpoint")
+            from ..models.teachers import load_teacher_checkpoint
+
+            teacher = load_teacher_checkpoint(cfg.teacher.checkpoint, device=cfg.device)
+        teacher_fn, teacher_dim = make_teacher_fn(teacher, train, cfg)
+        for bank in banks.values():
+            check_bank_teacher(bank, teacher)
+    return Trainer(
+        cfg, train, val, out_dir, num_classes=bench.num_classes, in_channels=bench.channels,
+        teacher=teacher_fn, teacher_feature_dim=teacher_dim, aux_set=aux, banks=banks,
+    )
+
+
+def check_bank_teacher(bank: Any, teacher: Any) -> None:
+    """A bank made from another teacher's features is refused (its vectors live in another space)."""
+    ident = teacher.identity()
+    made_by = bank.meta.get("teacher") or bank.meta.get("source", {}).get("meta", {}).get("teacher")
+    if made_by is not None and made_by != ident:
+        from ..errors import BankError
+
+        raise BankError(
+            f"bank {bank.path} was made from teacher {made_by}, but this run's teacher is {ident}; "
+            "rebuild the bank with this teacher (oaml bank features / oaml sample)"
+        )
+
+
+def make_teacher_fn(teacher: Any, train_set: Any, cfg: TrainConfig):
+    """Live teacher, or cached outputs when the ID images are not augmented and caching is on."""
+    import torch
+
+    augment = cfg.data.augment.flip or cfg.data.augment.crop_padding
+    if cfg.teacher.cache and not augment:
+        from ..models.teachers import compute_teacher_outputs
+
+        logits, feats = compute_teacher_outputs(teacher, train_set, batch_size=cfg.data.eval_batch_size)
+
+        def cached(raw: torch.Tensor, idx: torch.Tensor):
+            return logits[idx], feats[idx]
+
+        cached.cached = True  # type: ignore[attr-defined]
+        return cached, feats.shape[1]
+
+    def live(raw: torch.Tensor, idx: torch.Tensor):
+        return teacher.forward_raw(raw)
+
+    return live, teacher.feature_dim
