@@ -110,5 +110,5 @@ def test_ablation_methods_and_switching_terms_off():
 def test_missing_sources_are_named(tmp_path):
     with pytest.raises(ConfigError, match="C-OOD bank"):
         Trainer(_cfg(), TinyImages(64), TinyImages(32), tmp_path / "x", 4, 1, teacher=FakeTeacher(), teacher_feature_dim=8, banks={})
-    with pytest.raises(ConfigError, match="loss term 'mi_cood'.*unknown key 'pairng'.*pairing"):
+    with pytest.raises(ConfigError, match="(?s)loss term 'mi_cood'.*unknown key 'pairng'.*pairing"):
         _trainer(tmp_path, _cfg(mi_cood={"pairng": "class"}), "y")
