@@ -212,3 +212,25 @@ def test_noise_sets(name):
     assert t.images.shape == (2000, 1, 12, 10) and a.labels.unique().tolist() == [-1]
     assert not torch.equal(build_dataset(name, "test", image_size=16, channels=3).images[:500], a.images)
     assert a.images.float().std() > 10
+
+
+def test_fmnist_prepare_from_folder_copies_after_verifying(tmp_path, monkeypatch, no_system_fmnist):
+    made = make_fmnist_dir(tmp_path / "src", n_train=60, n_test=20)
+    spec = get_dataset_spec("fashion-mnist")
+    with pytest.raises(DataError, match="wrong content"):  # fake files fail the sha256 check: nothing copied
+        spec.prepare(tmp_path / "root", source=str(tmp_path / "src"))
+    assert not spec.available(tmp_path / "root")
+    with pytest.raises(DataError, match="point --from"):
+        spec.prepare(tmp_path / "root", source=str(tmp_path / "empty"))
+    # with the checks pointed at the fake files, they are copied into the root
+    import gzip as _gz
+
+    for base in offline.FMNIST_FILES.values():
+        raw = _gz.open(tmp_path / "src" / f"{base}.gz").read()
+        monkeypatch.setitem(offline.FMNIST_SHA256_RAW, base, hashlib.sha256(raw).hexdigest())
+    with pytest.raises(DataError, match="unexpected sizes"):  # the real set has 60000/10000
+        spec.prepare(tmp_path / "root", source=str(tmp_path / "src"))
+    assert spec.available(tmp_path / "root")
+    monkeypatch.setattr(offline, "FMNIST_VAL_SIZE", 10)
+    test = build_dataset("fashion-mnist", "test", tmp_path / "root")
+    assert torch.equal(test.images[:, 0], torch.from_numpy(made["t10k"][0]))

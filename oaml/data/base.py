@@ -376,6 +376,7 @@ def dataset_table(root: str | os.PathLike | None = None) -> list[dict[str, Any]]
                 "source": spec.source,
                 "substitute_for": spec.substitute_for,
                 "description": spec.description,
+                "split_notes": dict(spec.split_notes),
                 "where": spec.where(root),
             }
         )

@@ -110,6 +110,22 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype=dt, offset=header).reshape(shape)
 
 
+_IDX_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _read_idx_cached(path: Path) -> np.ndarray:
+    """read_idx with an in-process cache keyed by (path, size, mtime): train/val/test share one decode."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _IDX_CACHE:
+        if len(_IDX_CACHE) >= 8:
+            _IDX_CACHE.clear()
+        arr = read_idx(path)
+        arr.setflags(write=False)
+        _IDX_CACHE[key] = arr
+    return _IDX_CACHE[key]
+
+
 @dataclass
 class FashionMNISTSpec(DatasetSpec):
     def search_dirs(self, root: str | os.PathLike | None = None) -> list[Path]:
@@ -153,9 +169,31 @@ class FashionMNISTSpec(DatasetSpec):
         return any(self._files_in(d) for d in self.search_dirs(root))
 
     def prepare(self, root=None, download=False, source=None) -> dict:
+        """Verify the IDX files (sha256 of the .gz, or of the decompressed content) and their counts.
+
+        ``source``: a folder holding the four files; they are verified and copied (atomically)
+        into ``<root>/fashion-mnist`` so that the root is self-contained.
+        """
         if source:
-            os.environ["OAML_FASHION_MNIST_DIR"] = str(source)
+            src = self._files_in(Path(source).expanduser())
+            if not src:
+                raise missing_error(self.name, [source], "point --from at a folder holding the four Fashion-MNIST IDX files "
+                                    "(train-images-idx3-ubyte[.gz], ...), or sudo apt-get install dataset-fashion-mnist")
+            self._verify(src)
+            dest = resolve_root(root) / "fashion-mnist"
+            for path in src.values():
+                with atomic_path(dest / path.name) as tmp:
+                    shutil.copyfile(path, tmp)
         files = self.locate(root)
+        checked = self._verify(files)
+        counts = {split: len(self._raw(files, split)[1]) for split in ("train", "test")}
+        if counts != {"train": 60000, "test": 10000}:
+            raise DataError(f"dataset {self.name!r}: unexpected sizes {counts} (expected 60000 train, 10000 test)")
+        summary = {"dataset": self.name, "files": checked, "counts": counts, "val_from": "train", "val_size": FMNIST_VAL_SIZE}
+        write_json(resolve_root(root) / "fashion-mnist" / "manifest.json", summary)
+        return summary
+
+    def _verify(self, files: dict[str, Path]) -> dict:
         checked = {}
         for base, path in files.items():
             digest = sha256_file(path)
@@ -171,17 +209,12 @@ class FashionMNISTSpec(DatasetSpec):
                     "Fix: sudo apt-get install --reinstall dataset-fashion-mnist"
                 )
             checked[base] = {"path": str(path), "sha256": digest, "content_sha256": rdigest, "matches": "content"}
-        counts = {split: len(self._raw(files, split)[1]) for split in ("train", "test")}
-        if counts != {"train": 60000, "test": 10000}:
-            raise DataError(f"dataset {self.name!r}: unexpected sizes {counts} (expected 60000 train, 10000 test)")
-        summary = {"dataset": self.name, "files": checked, "counts": counts, "val_from": "train", "val_size": FMNIST_VAL_SIZE}
-        write_json(resolve_root(root) / "fashion-mnist" / "manifest.json", summary)
-        return summary
+        return checked
 
     def _raw(self, files: dict[str, Path], part: str) -> tuple[np.ndarray, np.ndarray]:
         pre = "train" if part == "train" else "t10k"
-        images = read_idx(files[f"{pre}-images-idx3-ubyte"])
-        labels = read_idx(files[f"{pre}-labels-idx1-ubyte"])
+        images = _read_idx_cached(files[f"{pre}-images-idx3-ubyte"])
+        labels = _read_idx_cached(files[f"{pre}-labels-idx1-ubyte"])
         if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (images.shape[0],):
             raise DataError(f"dataset {self.name!r}: unexpected IDX shapes {images.shape}, {labels.shape}")
         return images, labels
@@ -664,7 +697,7 @@ register_dataset(
         splits=("test", "val", "oe"),
         num_classes=None,
         source="scikit-image bundled photos + scikit-learn sample images (china.jpg, flower.jpg)",
-        substitute_for="Places365 (natural-scene photos)",
+        substitute_for="Places365",
         channels=3,
         native_channels=3,
         native_size=(PATCH_SIZE, PATCH_SIZE),
