@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import stat
 from pathlib import Path
 
@@ -62,6 +61,15 @@ def test_fmnist_from_env_dir_splits(tmp_path, monkeypatch, no_system_fmnist):
     # conversion on request
     rgb = build_dataset("fashion-mnist", "test", root, image_size=32, channels=3)
     assert rgb.images.shape == (20, 3, 32, 32)
+
+
+def test_fmnist_truncated_file_message(tmp_path, monkeypatch, no_system_fmnist):
+    make_fmnist_dir(tmp_path / "fm", n_train=60, n_test=20, gz=False)
+    f = tmp_path / "fm" / "t10k-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:1000])
+    monkeypatch.setenv("OAML_FASHION_MNIST_DIR", str(tmp_path / "fm"))
+    with pytest.raises(DataError, match=r"'fashion-mnist'.*t10k-images-idx3-ubyte.*truncated.*apt-get install --reinstall"):
+        build_dataset("fashion-mnist", "test", tmp_path / "root")
 
 
 def test_fmnist_missing_message(tmp_path, no_system_fmnist):

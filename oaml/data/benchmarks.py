@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
-from .base import TensorImageDataset, build_dataset, convert_images, get_dataset_spec, resolve_root
+from .base import TensorImageDataset, build_dataset, get_dataset_spec
 from .user import ArrayDataset, FolderDataset
 
 BENCHMARKS: Registry["Benchmark"] = Registry("benchmark")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from ..utils.io import atomic_path, read_json, sha256_file, write_json
+from ..utils.io import atomic_path, sha256_file, write_json
 from .base import (
     DatasetSpec,
     TensorImageDataset,
@@ -213,8 +212,14 @@ class FashionMNISTSpec(DatasetSpec):
 
     def _raw(self, files: dict[str, Path], part: str) -> tuple[np.ndarray, np.ndarray]:
         pre = "train" if part == "train" else "t10k"
-        images = _read_idx_cached(files[f"{pre}-images-idx3-ubyte"])
-        labels = _read_idx_cached(files[f"{pre}-labels-idx1-ubyte"])
+        try:
+            images = _read_idx_cached(files[f"{pre}-images-idx3-ubyte"])
+            labels = _read_idx_cached(files[f"{pre}-labels-idx1-ubyte"])
+        except DataError as exc:
+            raise DataError(
+                f"dataset {self.name!r}: {exc}. Fix: sudo apt-get install --reinstall dataset-fashion-mnist (or replace "
+                f"the file), then `{prepare_command(self.name)}` to verify"
+            ) from None
         if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (images.shape[0],):
             raise DataError(f"dataset {self.name!r}: unexpected IDX shapes {images.shape}, {labels.shape}")
         return images, labels

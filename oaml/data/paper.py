@@ -21,7 +21,6 @@ used when CIFAR is an OOD set). ImageNet ``val`` = 5 images per class of ILSVRC-
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
