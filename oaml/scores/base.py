@@ -161,6 +161,7 @@ class Score:
     requires_model: ClassVar[bool] = False
     needs_head: ClassVar[bool] = False
     needs_fit_labels: ClassVar[bool] = False
+    uses: ClassVar[tuple] = ("logits", "features")  # which FeatureSet fields are read (and checked)
 
     def __init__(self) -> None:
         self._fitted = self.fit_on == "none"
@@ -260,8 +261,8 @@ class Score:
             )
         if len(data) == 0:
             raise ShapeError(f"{self.name}.{stage}(): the FeatureSet is empty")
-        check_finite(data.logits, f"{self.name}.{stage}(): logits")
-        check_finite(data.features, f"{self.name}.{stage}(): features")
+        for field in self.uses:
+            check_finite(getattr(data, field), f"{self.name}.{stage}(): {field}")
         if need_labels:
             if data.labels is None:
                 raise ShapeError(f"{self.name}.fit() needs labels in the FeatureSet")

@@ -18,6 +18,7 @@ class EBO(Score):
 
     name = "ebo"
     fit_on = "none"
+    uses = ("logits",)
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()

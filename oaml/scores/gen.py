@@ -27,6 +27,7 @@ class GEN(Score):
 
     name = "gen"
     fit_on = "none"
+    uses = ("logits",)
 
     def __init__(self, gamma: float = 0.1, M: int = 100):
         super().__init__()

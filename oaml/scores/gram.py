@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, List
 
 import numpy as np
@@ -15,7 +16,7 @@ def gram_features(maps: List[torch.Tensor], powers: int) -> List[torch.Tensor]:
     """Per layer: (B, P, C_l) signed p-th roots of the row sums of G_p = F^p (F^p)^T, p=1..P.
 
     Row sums are computed as F^p @ (column sums of F^p), O(C·HW) instead of the O(C²·HW)
-    Gram matrix (same value; float64).
+    Gram matrix (same value; float64, powers by repeated multiplication).
     """
     out = []
     for m in maps:
@@ -23,9 +24,13 @@ def gram_features(maps: List[torch.Tensor], powers: int) -> List[torch.Tensor]:
             raise ShapeError(f"gram: feature maps must be (B, C, ...), got shape {tuple(m.shape)}")
         F = m.detach().to(torch.float64).flatten(2)  # (B, C, HW)
         per_p = []
+        Fp = F
+        ones = torch.ones(1, F.shape[1], dtype=F.dtype, device=F.device)
         for p in range(1, powers + 1):
-            Fp = F.pow(p)
-            rs = torch.einsum("bch,bh->bc", Fp, Fp.sum(dim=1))
+            if p > 1:
+                Fp = Fp * F
+            colsum = torch.matmul(ones, Fp)  # (B, 1, HW), the sum over channels
+            rs = torch.bmm(Fp, colsum.transpose(1, 2)).squeeze(2)  # (B, C)
             per_p.append(rs.sign() * rs.abs().pow(1.0 / p))
         out.append(torch.stack(per_p, dim=1))  # (B, P, C)
     return out
@@ -139,11 +144,12 @@ class Gram(Score):
             if bool(fit.any()):
                 cf = cls[fit]
                 state["count"] += torch.bincount(cf, minlength=nc)
-                for lo, hi, g in zip(state["mins"], state["maxs"], feats):
-                    gf = g[fit]
-                    idx = cf.view(-1, *([1] * (gf.ndim - 1))).expand_as(gf)
-                    lo.scatter_reduce_(0, idx, gf, reduce="amin", include_self=True)
-                    hi.scatter_reduce_(0, idx, gf, reduce="amax", include_self=True)
+                with warnings.catch_warnings():  # index_reduce_ is flagged "beta" by torch
+                    warnings.simplefilter("ignore", UserWarning)
+                    for lo, hi, g in zip(state["mins"], state["maxs"], feats):
+                        gf = g[fit]
+                        lo.index_reduce_(0, cf, gf, "amin", include_self=True)
+                        hi.index_reduce_(0, cf, gf, "amax", include_self=True)
 
         self._run(model, loader, step)
         empty = torch.nonzero(state["count"] == 0).flatten().tolist()

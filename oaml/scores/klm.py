@@ -35,6 +35,7 @@ class KLM(Score):
 
     name = "klm"
     fit_on = "val"
+    uses = ("logits",)
 
     def __init__(self, group_by: str = "prediction", match: str = "min"):
         super().__init__()

@@ -37,6 +37,7 @@ class KNN(Score):
 
     name = "knn"
     fit_on = "train"
+    uses = ("features",)
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .base import SCORES, FeatureSet, Score, check_number, to_numpy64
+from .base import SCORES, FeatureSet, Score, check_number
 
 
 @SCORES.register("mds", "mahalanobis")
@@ -35,6 +35,7 @@ class MDS(Score):
 
     name = "mds"
     fit_on = "train"
+    uses = ("features",)
     needs_fit_labels = True
 
     def __init__(self, shrinkage: float = 0.0, rcond: float | None = None):
@@ -45,41 +46,40 @@ class MDS(Score):
         self.rcond = rcond
 
     def _fit(self, data: FeatureSet, W, b) -> None:
-        X = to_numpy64(data.features)
-        y = data.labels.cpu().numpy().astype(np.int64)
+        # all linear algebra in torch float64 (one thread pool; mixing numpy's BLAS pool with
+        # torch's OpenMP pool oversubscribes small machines badly)
+        X = data.features.detach().to("cpu", torch.float64)
+        y = data.labels.detach().cpu().long()
         N, D = X.shape
         C = data.num_classes
-        counts = np.bincount(y, minlength=C).astype(np.float64)
+        counts = torch.bincount(y, minlength=C).to(torch.float64)
         present = counts > 0
-        sums = np.asarray(
-            torch.zeros(C, D, dtype=torch.float64).index_add_(0, torch.from_numpy(y), torch.from_numpy(X))
-        )
-        means = sums[present] / counts[present, None]
-        Xc = X - (sums / np.maximum(counts, 1.0)[:, None])[y]
+        sums = torch.zeros(C, D, dtype=torch.float64).index_add_(0, y, X)
+        all_means = sums / counts.clamp_min(1.0)[:, None]
+        Xc = X - all_means[y]
         cov = (Xc.T @ Xc) / N
+        del Xc
         if self.shrinkage > 0:
-            mu = np.trace(cov) / D
-            cov = (1.0 - self.shrinkage) * cov
-            cov[np.diag_indices(D)] += self.shrinkage * mu
-        evals, evecs = np.linalg.eigh(cov)
-        rcond = self.rcond if self.rcond is not None else D * np.finfo(np.float64).eps
+            mu = torch.trace(cov) / D
+            cov = (1.0 - self.shrinkage) * cov + self.shrinkage * mu * torch.eye(D, dtype=torch.float64)
+        evals, evecs = torch.linalg.eigh(cov)
+        rcond = self.rcond if self.rcond is not None else D * float(np.finfo(np.float64).eps)
         keep = evals > rcond * max(float(evals.max()), 0.0)
-        if not keep.any():
+        if not bool(keep.any()):
             raise DataError("MDS: the feature covariance is zero; the features carry no information")
-        self.whitener_ = evecs[:, keep] / np.sqrt(evals[keep])  # (D, r)
+        self.whitener_ = evecs[:, keep] / evals[keep].sqrt()  # (D, r)
         self.rank_ = int(keep.sum())
-        self.classes_ = np.flatnonzero(present)
-        self.means_ = means
-        mw = means @ self.whitener_
-        self._mw = mw
-        self._mw_sq = (mw * mw).sum(axis=1)
+        self.classes_ = torch.nonzero(present).flatten().numpy()
+        self.means_ = all_means[present]
+        self._mw = self.means_ @ self.whitener_  # (C', r)
+        self._mw_sq = (self._mw * self._mw).sum(dim=1)
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        out = np.empty(len(data))
+        out = []
         step = 8192
         X = data.features
         for i in range(0, len(data), step):
-            zw = to_numpy64(X[i : i + step]) @ self.whitener_
-            d = (zw * zw).sum(axis=1, keepdims=True) - 2.0 * zw @ self._mw.T + self._mw_sq[None, :]
-            out[i : i + step] = -np.maximum(d.min(axis=1), 0.0)
-        return out
+            zw = X[i : i + step].detach().to("cpu", torch.float64) @ self.whitener_
+            d = (zw * zw).sum(dim=1, keepdim=True) - 2.0 * zw @ self._mw.T + self._mw_sq[None, :]
+            out.append(-d.min(dim=1).values.clamp_min(0.0))
+        return torch.cat(out).numpy()

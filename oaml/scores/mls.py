@@ -19,6 +19,7 @@ class MLS(Score):
 
     name = "mls"
     fit_on = "none"
+    uses = ("logits",)
 
     def __init__(self) -> None:
         super().__init__()

@@ -20,6 +20,7 @@ class MSP(Score):
 
     name = "msp"
     fit_on = "none"
+    uses = ("logits",)
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import SCORES, FeatureSet, Score, check_number, to_numpy64
+from .base import SCORES, FeatureSet, Score, check_number
 
 
 @SCORES.register("react")
@@ -27,6 +27,7 @@ class ReAct(Score):
 
     name = "react"
     fit_on = "val"
+    uses = ("features",)
     needs_head = True
 
     def __init__(self, percentile: float = 90.0, temperature: float = 1.0):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import SCORES, FeatureSet, Score, check_number, to_numpy64
+from .base import SCORES, FeatureSet, Score, check_number
 
 
 @SCORES.register("vim")
@@ -17,7 +17,7 @@ class ViM(Score):
 
     with :math:`u = -W^{+} b` (the origin that makes the head bias-free), :math:`R` the
     eigenvectors of the uncentred covariance :math:`\frac1N\sum (f-u)(f-u)^\top` of ID train
-    features *outside* the top-``dim`` ones (``eigh``, float64), and
+    features *outside* the top-``dim`` ones (``torch.linalg.eigh``, float64), and
     :math:`\alpha = \mathrm{mean}_{train}\max_c z_c / \mathrm{mean}_{train}\|(f-u)R\|`.
 
     Paper: Wang et al., "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022.
@@ -46,15 +46,14 @@ class ViM(Score):
                 f"vim: dim={self.dim} must be < the feature dimension D={D} (allowed: 1..{D - 1}); "
                 "the residual space would be empty"
             )
-        Wn = W.numpy()
-        u = -np.linalg.pinv(Wn) @ b.numpy() if b is not None else np.zeros(D)
-        X = to_numpy64(data.features) - u
+        u = -(torch.linalg.pinv(W) @ b) if b is not None else torch.zeros(D, dtype=torch.float64)
+        X = data.features.detach().to("cpu", torch.float64) - u
         cov = X.T @ X / X.shape[0]
-        evals, evecs = np.linalg.eigh(cov)  # ascending
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
         self.u_ = u
-        self.residual_basis_ = np.ascontiguousarray(evecs[:, : D - self.dim])  # smallest D-dim
-        vlogit = np.linalg.norm(X @ self.residual_basis_, axis=1)
-        max_logit = to_numpy64(data.logits).max(axis=1)
+        self.residual_basis_ = evecs[:, : D - self.dim].contiguous()  # the smallest D - dim
+        vlogit = (X @ self.residual_basis_).norm(dim=1)
+        max_logit = data.logits.detach().to("cpu", torch.float64).max(dim=1).values
         denom = float(vlogit.mean())
         if not denom > 0:
             raise ConfigError(
@@ -64,7 +63,7 @@ class ViM(Score):
         self.alpha_ = float(max_logit.mean()) / denom
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        X = to_numpy64(data.features) - self.u_
-        vlogit = np.linalg.norm(X @ self.residual_basis_, axis=1)
-        energy = torch.logsumexp(data.logits.to(torch.float64), dim=1).numpy()
-        return energy - self.alpha_ * vlogit
+        X = data.features.detach().to("cpu", torch.float64) - self.u_
+        vlogit = (X @ self.residual_basis_).norm(dim=1)
+        energy = torch.logsumexp(data.logits.detach().to("cpu", torch.float64), dim=1)
+        return (energy - self.alpha_ * vlogit).numpy()
