@@ -158,6 +158,9 @@ def test_converted_dataset_lazy(tmp_path):
     ds = ConvertedDataset(FolderDataset(root), image_size=8, channels=1, ood=True)
     img, label = ds[0]
     assert img.shape == (1, 8, 8) and label == -1
+    assert ds.labels.tolist() == [-1, -1]
+    sub = ConvertedDataset(FolderDataset(root), image_size=8).subset([1])
+    assert len(sub) == 1 and sub.labels.tolist() == [1] and sub[0][0].shape == (3, 8, 8)
 
 
 # ---------------------------------------------------------------------------------------------- image lists

@@ -220,6 +220,21 @@ class ConvertedDataset(Dataset):
         img = convert_images(img, self.image_size, self.channels, self.pre_size)
         return img, (-1 if self.ood else int(label))
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """The labels without decoding any image (needs a base with ``labels``, as file datasets have)."""
+        base = getattr(self.base, "labels", None)
+        if base is None:
+            raise AttributeError(f"{type(self.base).__name__} has no labels attribute")
+        base = torch.as_tensor(base, dtype=torch.int64)
+        return torch.full_like(base, -1) if self.ood else base
+
+    def subset(self, index, name: str | None = None) -> "ConvertedDataset":
+        """The same conversion over ``base.subset(index)``."""
+        if not hasattr(self.base, "subset"):
+            raise AttributeError(f"{type(self.base).__name__} has no subset()")
+        return ConvertedDataset(self.base.subset(index, name), self.image_size, self.channels, self.pre_size, self.ood)
+
 
 def seeded_split(labels: np.ndarray, n_holdout: int, seed: int, stratified: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Split indices into (rest, holdout); the holdout is stratified by label when asked.
