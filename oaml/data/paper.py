@@ -78,8 +78,50 @@ class TorchvisionSpec(DatasetSpec):
         except OSError as exc:
             raise DataError(f"dataset {self.name!r}: cannot download/read under {root} ({exc}). Fix: {self._fix()}") from None
 
+    def _import_from(self, source: Path, root: Path) -> None:
+        """Bring a local copy into the root: the CIFAR .tar.gz (md5-checked, extracted), the SVHN
+        .mat files (a file or a folder holding them) or a folder of MNIST IDX files (.gz or not)."""
+        import gzip
+
+        import torchvision.datasets as tvd
+        from torchvision.datasets.utils import check_integrity, extract_archive
+
+        from ..utils.io import atomic_path
+
+        cls = getattr(tvd, self.tv_class)
+        if self.tv_class in ("CIFAR10", "CIFAR100"):
+            if not source.is_file():
+                raise DataError(f"dataset {self.name!r}: --from must be the archive {cls.filename}, got {source}")
+            if not check_integrity(str(source), cls.tgz_md5):
+                raise DataError(f"dataset {self.name!r}: {source} does not have the md5 of {cls.filename} ({cls.tgz_md5}); "
+                                "the archive is corrupt or another file")
+            extract_archive(str(source), str(root))
+        elif self.tv_class == "SVHN":
+            files = [source] if source.is_file() else [source / v[1] for v in cls.split_list.values() if (source / v[1]).exists()]
+            if not files:
+                raise DataError(f"dataset {self.name!r}: no train_32x32.mat / test_32x32.mat at {source}")
+            md5 = {v[1]: v[2] for v in cls.split_list.values()}
+            for f in files:
+                if f.name not in md5 or not check_integrity(str(f), md5[f.name]):
+                    raise DataError(f"dataset {self.name!r}: {f} is not an intact SVHN .mat file (md5 mismatch)")
+                with atomic_path(root / f.name) as tmp:
+                    tmp.write_bytes(f.read_bytes())
+        else:  # MNIST: a folder with the four IDX files
+            raw = root / "MNIST" / "raw"
+            for rel in self.files:
+                base = Path(rel).name
+                cands = [source / base, source / f"{base}.gz"]
+                src = next((c for c in cands if c.is_file()), None)
+                if src is None:
+                    raise DataError(f"dataset {self.name!r}: {source} lacks {base}[.gz]")
+                data = gzip.open(src).read() if src.suffix == ".gz" else src.read_bytes()
+                with atomic_path(raw / base) as tmp:
+                    tmp.write_bytes(data)
+
     def prepare(self, root=None, download=False, source=None) -> dict:
-        r = resolve_root(source or root)
+        r = resolve_root(root)
+        if source:
+            self._import_from(Path(source).expanduser(), r)
         if not download and not self.available(r):
             raise missing_error(self.name, self.where(r), self._fix())
         counts = {}
@@ -176,7 +218,12 @@ class ImageNetFolderSpec(DatasetSpec):
         return FolderDataset(self.folder(root) / part, layout="classes", channels=3, skip_bad=skip_bad, name=f"{self.name}:{part}")
 
     def prepare(self, root=None, download=False, source=None) -> dict:
-        r = resolve_root(source or root)
+        if source:
+            raise DataError(f"dataset {self.name!r}: --from is not supported; point --root at the folder that holds "
+                            "imagenet/train and imagenet/val (or symlink it to <root>/imagenet)")
+        if download:
+            raise DataError(f"dataset {self.name!r} cannot be downloaded. Fix: " + self._fix())
+        r = resolve_root(root)
         out = {}
         for part in ("train", "val"):
             ds = self._folder(r, part, skip_bad=False)
@@ -246,7 +293,10 @@ class OpenOODListSpec(DatasetSpec):
                                 name=f"{self.name}:{split}")
 
     def prepare(self, root=None, download=False, source=None) -> dict:
-        r = resolve_root(source or root)
+        if source:
+            raise DataError(f"dataset {self.name!r}: --from is not supported; put OpenOOD's folders under <root>/openood "
+                            "(a symlink works) and pass --root")
+        r = resolve_root(root)
         if download:
             raise DataError(f"dataset {self.name!r}: automatic download is not supported. Fix: " + OPENOOD_FIX.format(name=self.name))
         counts, missing = {}, []
