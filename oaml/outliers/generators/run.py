@@ -1,0 +1,101 @@
+"""One config for a D-OOD generation run (what ``oaml generate`` executes) and its runner.
+
+Example YAML (``oaml generate --config gen.yaml``)::
+
+    cood: runs/fmnist/cood
+    out: runs/fmnist/dood
+    generator: feature_diffusion        # or stable_diffusion
+    id_bank: runs/fmnist/id_features    # feature diffusion: trains the model if `model` is absent
+    model: runs/fmnist/dood.fdiff.safetensors
+    batch_size: 256
+    seed: 0
+    train: {train_steps: 3000, width: 512, depth: 3}
+    feature_diffusion: {strength: 0.5, steps: 50}
+    stable_diffusion: {model: /models/sd-v1-4, steps: 50, guidance_scale: 7.5}
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ...config import StrictModel
+from ...errors import BankError, ConfigError
+from ..bank import Bank
+from .base import generate_bank
+from .feature_diffusion import (
+    FeatureDiffusionConfig,
+    FeatureDiffusionGenerator,
+    FeatureDiffusionModel,
+    FeatureDiffusionTrainConfig,
+    train_feature_diffusion,
+)
+from .stable_diffusion import StableDiffusionConfig, StableDiffusionGenerator
+
+log = logging.getLogger(__name__)
+
+
+class GenerateConfig(StrictModel):
+    cood: str = Field(..., description="C-OOD bank to generate from")
+    out: str = Field(..., description="D-OOD bank to write")
+    generator: Literal["feature_diffusion", "stable_diffusion"] = "feature_diffusion"
+    batch_size: int = Field(256, gt=0)
+    batches_per_shard: int = Field(64, gt=0)
+    seed: int = 0
+    num_samples: int | None = Field(None, gt=0, description="None: one D-OOD vector per C-OOD vector")
+    resume: bool = True
+    overwrite: bool = False
+    id_bank: str | None = Field(None, description="ID feature bank to train the feature diffusion model on")
+    model: str | None = Field(None, description="feature diffusion model file (default: <out>.fdiff.safetensors)")
+    train: FeatureDiffusionTrainConfig = FeatureDiffusionTrainConfig()
+    feature_diffusion: FeatureDiffusionConfig = FeatureDiffusionConfig()
+    stable_diffusion: StableDiffusionConfig = StableDiffusionConfig()
+
+
+def default_model_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".fdiff.safetensors")
+
+
+def _feature_diffusion_model(cfg: GenerateConfig, cood: Bank, progress: bool) -> FeatureDiffusionModel:
+    path = Path(cfg.model) if cfg.model else default_model_path(cfg.out)
+    if path.is_file() and not cfg.overwrite:
+        model = FeatureDiffusionModel.load(path)
+        if cfg.id_bank and model.meta.get("id_bank") != str(Bank.open(cfg.id_bank).path):
+            raise BankError(
+                f"feature diffusion model {path} was trained on {model.meta.get('id_bank')!r}, not {cfg.id_bank!r}; "
+                "pass --overwrite to retrain it or another --model path"
+            )
+        log.info("using feature diffusion model %s", path)
+        return model
+    if not cfg.id_bank:
+        raise ConfigError(
+            f"no feature diffusion model at {path}: pass id_bank (--id-bank) so that one is trained on the ID "
+            "features, or model (--model) pointing at a trained one"
+        )
+    id_bank = Bank.open(cfg.id_bank)
+    for key in ("teacher", "dataset"):
+        a, b = id_bank.meta.get(key), cood.meta.get(key)
+        if a is not None and b is not None and a != b:
+            raise BankError(f"ID bank {id_bank.path} has {key}={a!r} but C-OOD bank {cood.path} has {key}={b!r}")
+    model = train_feature_diffusion(id_bank, cfg.train, progress=progress)
+    model.save(path)
+    log.info("trained feature diffusion model in %.1f s (final loss %.4f); saved to %s",
+             model.meta["train_seconds"], model.meta["final_loss"], path)
+    return FeatureDiffusionModel.load(path)
+
+
+def run_generate(cfg: GenerateConfig, progress: bool = True) -> Bank:
+    """Build the configured generator (training the feature model if needed) and write the D-OOD bank."""
+    cood = Bank.open(cfg.cood)
+    if cfg.generator == "feature_diffusion":
+        gen = FeatureDiffusionGenerator(_feature_diffusion_model(cfg, cood, progress), cfg.feature_diffusion)
+    else:
+        gen = StableDiffusionGenerator(cfg.stable_diffusion)
+    return generate_bank(
+        gen, cood, cfg.out, batch_size=cfg.batch_size, seed=cfg.seed, resume=cfg.resume, overwrite=cfg.overwrite,
+        progress=progress, num_samples=cfg.num_samples, batches_per_shard=cfg.batches_per_shard,
+    )
