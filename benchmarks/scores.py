@@ -322,11 +322,23 @@ def main(argv=None):
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "repeats_ours": args.repeats,
+        "git_commit": _git_commit(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
+
+
+def _git_commit():
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def print_row(r):

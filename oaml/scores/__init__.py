@@ -2,6 +2,10 @@
 
 Fit splits: MSP, MLS, EBO, ODIN, GEN, GradNorm: none; MDS, ViM, KNN, Gram: ID train;
 ReAct, KLM: ID val (``Score.fit_on``).
+
+Each class docstring gives the formula, paper, defaults, fit split and the differences from
+OpenOOD (HEAD 3c35632) and pytorch-ood (0.2.0, the snapshot in docs/notes, and 0.4.0, the
+version installed for the benchmark, which fixed several of 0.2.0's deviations).
 """
 
 from .base import SCORES, FeatureSet, Score, create_score

@@ -39,7 +39,8 @@ class FeatureSet:
 
     ``logits`` (N, C) float, ``features`` (N, D) penultimate features, ``labels`` (N,) int64
     with -1 for OOD samples (or None). Shapes are checked on construction; finiteness is
-    checked by each score (so a cache may hold what it was given).
+    checked by each score (so a cache may hold what it was given). Scores compute on the CPU
+    (tensors elsewhere are copied there), except KNN, which takes a ``device`` argument.
     """
 
     logits: torch.Tensor
@@ -69,6 +70,13 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
+
+    def cpu(self) -> "FeatureSet":
+        """This set with every tensor on the CPU (``self`` when they already are)."""
+        ts = [self.logits, self.features] + ([self.labels] if self.labels is not None else [])
+        if all(t.device.type == "cpu" for t in ts):
+            return self
+        return FeatureSet(self.logits.cpu(), self.features.cpu(), None if self.labels is None else self.labels.cpu())
 
     @property
     def num_classes(self) -> int:
@@ -125,7 +133,11 @@ def check_choice(name: str, value: Any, choices: tuple, score: str = "") -> Any:
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
-    if t.dtype.is_floating_point:
+    if t.dtype.is_floating_point and t.numel():
+        # fast path: a finite sum means every entry is finite (NaN/inf propagate); a sum that
+        # overflows from finite values falls through to the exact count, which is then 0
+        if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+            return
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise NonFiniteError(
@@ -204,6 +216,7 @@ class Score:
             self._fit_model(model, loader)
         else:
             self._check_data(data, "fit", need_labels=self.needs_fit_labels)
+            data = data.cpu()
             W, b = self._check_head(head, data) if self.needs_head else (None, None)
             self._dims = (data.num_classes, data.feature_dim)
             self._fit(data, W, b)
@@ -222,6 +235,7 @@ class Score:
             out = self._score_model(model, loader)
         else:
             self._check_data(data, "score")
+            data = data.cpu()
             if self._dims is not None:
                 c, d = self._dims
                 if data.num_classes != c or data.feature_dim != d:

@@ -20,8 +20,8 @@ class GEN(Score):
     Detection", CVPR 2023. Defaults ``gamma=0.1``, ``M=100``; M is capped at the number of
     classes C (so M >= C uses every class, as OpenOOD does for CIFAR). No fit.
 
-    Same as OpenOOD. pytorch-ood (later versions) has no M, clamps p to [1e-7, 1-1e-7], uses the
-    mean instead of the sum (to dodge torchmetrics' sigmoid) and returns higher = OOD. Here p is
+    Same as OpenOOD. pytorch-ood 0.4.0 (installed) has ``M=None`` (all classes) by default,
+    clamps p to [1e-7, 1-1e-7] in float32 and returns higher = OOD. Here p is
     float64 and unclamped: 0^gamma = 0, so one-hot probabilities from huge logits give 0, not NaN.
     """
 

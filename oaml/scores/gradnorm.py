@@ -26,8 +26,10 @@ class GradNorm(Score):
 
     Differences: the authors' code and OpenOOD use ``sum_c -log p_c`` (no 1/C) and backprop one
     sample at a time; their value is exactly ``C`` times ours (same ranking, same metrics); the
-    bias gradient is excluded in both. pytorch-ood's ``GradNorm`` is a different method (Lee &
-    AlRegib, all parameters); its ``GradNormKL`` uses BCE against 1/C and returns the negation.
+    bias gradient is excluded in both. pytorch-ood 0.2.0 had only Lee & AlRegib's GradNorm (a
+    different method); pytorch-ood 0.4.0's ``GradNorm`` (installed) is Huang et al. with the
+    1/C mean like ours, computed by per-sample ``vmap`` gradients of the parameters chosen by
+    ``param_filter`` (default: all parameters, not only the last weight), negated.
     """
 
     name = "gradnorm"

@@ -27,9 +27,10 @@ class KLM(Score):
     Defaults follow OpenOOD: ``group_by="prediction"`` (q_c = mean softmax over val samples the
     model *predicts* as c) and ``match="min"`` (**argmin over all classes**). Classes with no
     fit sample get no template and are left out of the min (OpenOOD uses a one-hot template,
-    whose KL is infinite for any non-one-hot p, i.e. the same thing). pytorch-ood groups by
-    ground-truth label (``group_by="label"``) and uses only the predicted class
-    (``match="predicted"``; a predicted class without template is an error there and here).
+    whose KL is infinite for any non-one-hot p, i.e. the same thing). pytorch-ood 0.2.0 grouped
+    by ground-truth label (``group_by="label"``) and used only the predicted class
+    (``match="predicted"``; a predicted class without template is an error here); pytorch-ood
+    0.4.0 (installed) does what OpenOOD does, in float32, and returns the KL (higher = OOD).
     OpenOOD computes the KL with a Python callable per (sample, class) pair; this is one matmul.
     """
 

@@ -31,8 +31,9 @@ class KNN(Score):
     :math:`\|a-b\|^2 = \|a\|^2 + \|b\|^2 - 2 a\cdot b` plus ``topk`` in ``dtype`` (float32 by
     default) on ``device`` (default: the features' device, so pass ``device="cuda"`` to use a
     GPU). ``backend="faiss"`` uses exact ``faiss.IndexFlatL2`` on CPU (float32; needs the
-    ``faiss`` extra). pytorch-ood's ``KNN`` uses sklearn with k=1 and no normalisation by
-    default and returns the distance (higher = OOD).
+    ``faiss`` extra). pytorch-ood 0.2.0's ``KNN`` used sklearn with k=1 and no normalisation by
+    default; 0.4.0 (installed) uses sklearn ``NearestNeighbors`` with k=50 and normalisation on
+    by default; both return the (non-squared) distance, higher = OOD.
     """
 
     name = "knn"

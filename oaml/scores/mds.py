@@ -27,10 +27,12 @@ class MDS(Score):
 
     Paper: Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
     Adversarial Attacks", NeurIPS 2018. This is OpenOOD's ``mds`` (no input noise, no layer
-    ensemble, no 0.5 factor). OpenOOD and pytorch-ood loop over classes and take the diagonal of
-    a B×B matrix per class; pytorch-ood also divides by N-1, adds 1e-6·I and inverts in float32
-    (its issue #81), returns 0.5·min distance as an outlier score and perturbs inputs by default
-    in ``predict``.
+    ensemble, no 0.5 factor). OpenOOD loops over classes and takes the diagonal of a B×B matrix
+    per class. pytorch-ood 0.2.0 divided by N-1, added 1e-6·I and inverted in float32 (its issue
+    #81); pytorch-ood 0.4.0 (installed here) sums the centred outer products without dividing
+    by N, adds 1e-6·I, inverts in float32 with ``torch.linalg.inv``, loops over classes, returns
+    0.5·min distance (higher = OOD) and perturbs inputs in ``MahalanobisODIN``. Without the ridge
+    the ranking equals ours; the ridge and float32 change it slightly for ill-conditioned Σ.
     """
 
     name = "mds"

@@ -31,8 +31,9 @@ class ODIN(Score):
     ``std=None`` applies the step directly in model-input space. The model is run in eval mode,
     with parameter gradients disabled during the pass (both restored afterwards).
 
-    Differences: pytorch-ood defaults to eps=0.05, uses ``nll_loss`` on raw logits/T (the
-    gradient of -z_ŷ/T, not cross-entropy) and returns -max softmax without T.
+    Differences: pytorch-ood 0.2.0 defaulted to eps=0.05, used ``nll_loss`` on raw logits/T
+    (the gradient of -z_ŷ/T, not cross-entropy) and returned -max softmax without T. pytorch-ood
+    0.4.0 (installed) uses cross-entropy, eps=0.0014, T=1000 and -max softmax at T, like us.
     """
 
     name = "odin"

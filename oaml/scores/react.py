@@ -20,9 +20,10 @@ class ReAct(Score):
 
     Fit on ID **val** (``fit_on="val"``, as OpenOOD; the paper used train), needs
     ``head=(W, b)`` (``model.fc_weights()``), i.e. the head must be one linear layer. Matches
-    OpenOOD (upper clip only, energy with T=1). pytorch-ood's ``ReAct`` takes an absolute
-    threshold (default 1.0) with no percentile fit and returns the negation. The percentile uses
-    numpy's default linear interpolation, like OpenOOD.
+    OpenOOD (upper clip only, energy with T=1). pytorch-ood 0.2.0's ``ReAct`` took an absolute
+    threshold (default 1.0) with no percentile fit; 0.4.0 (installed) fits the percentile (given
+    as a fraction, 0.9) on whatever data ``fit`` receives and returns the negated energy. The
+    percentile uses numpy's default linear interpolation, like OpenOOD.
     """
 
     name = "react"

@@ -28,7 +28,9 @@ class ViM(Score):
     ``b=None`` gives ``u=0``). The logits are read from the FeatureSet (for train: alpha; for
     test: the energy), so they must be the head's output. Differences: OpenOOD uses ``np.linalg.eig``
     on a symmetric matrix (here ``eigh``: real, sorted, stable). pytorch-ood requires ``d``
-    with no default, silently halves it when D < d, clips logits to +-100 and returns the negation.
+    with no default and silently halves it when D < d (0.2.0 and 0.4.0); 0.2.0 clipped logits to
+    +-100; 0.4.0 (installed) recomputes the logits from (W, b) in float32; both return the
+    negation.
     """
 
     name = "vim"
