@@ -14,7 +14,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from oaml.errors import DataError, NonFiniteError, ShapeError
+from oaml.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from oaml.evaluation.metrics import METRIC_KEYS, accuracy, ood_metrics
 
 
@@ -146,6 +146,19 @@ def test_rejects_non_finite_and_empty():
         ood_metrics([1.0], np.array([]))
     with pytest.raises(ShapeError):
         ood_metrics(np.ones((3, 2)), [1.0])
+    with pytest.raises(ConfigError, match="recall_level"):
+        ood_metrics([1.0], [0.0], recall_level=1.5)
+    with pytest.raises(ConfigError, match="aupr"):
+        ood_metrics([1.0], [0.0], aupr="roc")
+
+
+def test_recall_level_other_than_95():
+    rng = np.random.default_rng(4)
+    id_s, ood_s = rng.normal(1, 1, 300), rng.normal(0, 1, 200)
+    s = np.concatenate([id_s, ood_s])
+    y = np.concatenate([np.ones(300), np.zeros(200)])
+    fpr, tpr, _ = roc_curve(1 - y, -s)
+    assert ood_metrics(id_s, ood_s, recall_level=0.8)["fpr95"] == pytest.approx(fpr[np.argmax(tpr >= 0.8)])
 
 
 def test_accepts_torch_and_float32():

@@ -39,7 +39,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from ..errors import DataError, NonFiniteError, ShapeError
+from ..errors import ConfigError, DataError, NonFiniteError, ShapeError
 
 __all__ = ["ood_metrics", "accuracy", "METRIC_KEYS", "HIGHER_IS_BETTER"]
 
@@ -92,9 +92,9 @@ def ood_metrics(
     docstring for every definition.
     """
     if not 0.0 < recall_level <= 1.0:
-        raise ShapeError(f"recall_level must be in (0, 1], got {recall_level!r}")
+        raise ConfigError(f"recall_level must be in (0, 1], got {recall_level!r}")
     if aupr not in ("ap", "trapezoid"):
-        raise ShapeError(f"aupr must be 'ap' or 'trapezoid', got {aupr!r}")
+        raise ConfigError(f"aupr must be 'ap' or 'trapezoid', got {aupr!r}")
     s_id = _as_1d_float64(id_scores, "id_scores")
     s_ood = _as_1d_float64(ood_scores, "ood_scores")
     n_id, n_ood = s_id.size, s_ood.size
