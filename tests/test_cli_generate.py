@@ -35,8 +35,8 @@ def test_generate_flags_then_analyze(banks, capsys):
     t = banks
     cfg = FeatureDiffusionTrainConfig(width=32, depth=1, train_steps=40, device="cpu")
     model = train_feature_diffusion(Bank.open(t / "id"), cfg, progress=False)
-    model.save(t / "dood.fdiff.safetensors")  # the default model path of --out dood: reused, not retrained
-    small = ["--steps", "8", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+    model.save(t / "fd.safetensors")
+    small = ["--steps", "8", "--batch-size", "8", "--no-progress", "--device", "cpu", "--model", str(t / "fd.safetensors")]
     rc = main(["generate", "--cood", str(t / "cood"), "--out", str(t / "dood"), "--id-bank", str(t / "id"), *small])
     assert rc == 0
     bank = Bank.open(t / "dood")
@@ -70,6 +70,10 @@ def test_generate_from_yaml_and_errors(banks, tmp_path, capsys):
     assert main(["generate", "--config", str(cfg), "--no-progress"]) == 0
     b = Bank.open(banks / "dy")
     assert len(b) == 40 and b.meta["num_samples"] == 40 and b.meta["generator_settings"]["config"]["strength"] == 0.3
+    assert (banks / "dy.fdiff.safetensors").is_file()
+    # the default model file next to --out is reused only with the same training settings
+    assert main(["generate", "--config", str(cfg), "--train-steps", "41", "--no-progress"]) == 1
+    assert "train_steps" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"cood: {banks / 'cood'}\nout: {banks / 'dz'}\nstrenght: 0.3\n")
     assert main(["generate", "--config", str(bad)]) == 1

@@ -144,3 +144,12 @@ def test_wrong_width_is_refused(tmp_path):
     b = write_bank(tmp_path / "c", np.zeros((4, 7), np.float32), [0, 0, 1, 1], kind="cood")
     with pytest.raises(ShapeError):
         generate_bank(NoisyProjection(), b, tmp_path / "d", progress=False)
+
+
+def test_rank_and_world_size_come_from_torchrun_env(cood, tmp_path, monkeypatch):
+    bank, _, _ = cood
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    part = generate_bank(NoisyProjection(), bank, tmp_path / "d", batch_size=8, seed=0, progress=False)
+    assert part.path == tmp_path / "d.parts" / "rank-1-of-2" and part.meta["part"] == {"rank": 1, "world_size": 2}
+    assert len(part) == 103 - 7 * 8  # 13 batches -> ranks get 7 and 6

@@ -207,8 +207,6 @@ def generate_bank(
     rank, world_size = _dist_env(rank, world_size)
     parts = _parts_dir(out_path)
 
-    if overwrite and rank == 0 and parts.exists() and world_size == 1:
-        shutil.rmtree(parts)
     if not overwrite and _is_complete_with(out_path, _normalised(meta)):
         log.info("D-OOD bank %s is already complete with these settings", out_path)
         return Bank.open(out_path)

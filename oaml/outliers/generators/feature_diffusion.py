@@ -27,12 +27,13 @@ Generation (:class:`FeatureDiffusionGenerator`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -74,6 +75,9 @@ class FeatureDiffusionTrainConfig(StrictModel):
     max_train_samples: int | None = Field(None, gt=0, description="seeded subset of the ID bank")
     seed: int = 0
     device: str = "auto"
+    num_threads: int | None = Field(
+        None, gt=0, description="torch CPU threads while training (None: leave torch's setting); 1 is far faster "
+        "than an oversubscribed OpenMP pool on a shared machine")
     log_every: int = Field(200, gt=0)
 
 
@@ -88,6 +92,20 @@ class FeatureDiffusionConfig(StrictModel):
     normalize_output: bool = Field(True, description="L2-normalise the generated vectors")
     eta: float = Field(0.0, ge=0, description="DDIM eta (0 = deterministic after the initial noising)")
     device: str = "auto"
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads while generating (None: unchanged)")
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Block(nn.Module):
@@ -318,10 +336,15 @@ def train_feature_diffusion(
     ``(vectors, labels)`` tuple (labels needed for ``class_conditional``). The model's ``meta``
     records the config, the data source, the final loss (EMA of the batch loss) and the time.
     """
+    cfg = cfg or FeatureDiffusionTrainConfig()
+    with _threads(cfg.num_threads):
+        return _train(id_bank_or_tensor, cfg, progress)
+
+
+def _train(id_bank_or_tensor: Any, cfg: FeatureDiffusionTrainConfig, progress: bool) -> FeatureDiffusionModel:
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    cfg = cfg or FeatureDiffusionTrainConfig()
     x, labels, info = _as_tensor_and_labels(id_bank_or_tensor, cfg.max_train_samples, cfg.seed)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ShapeError(f"training features must be (n >= 2, D), got {tuple(x.shape)}")
@@ -421,15 +444,16 @@ class FeatureDiffusionGenerator(Generator):
 
     def settings(self) -> dict[str, Any]:
         meta = {k: v for k, v in self.model.meta.items() if k not in ("train_seconds",)}
-        return {"config": self.cfg.model_dump(mode="json"), "model": meta}
+        return {"config": self.cfg.model_dump(mode="json", exclude={"num_threads"}), "model": meta}
 
     def generate(self, cood_vectors: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
         self.output_dim(cood_vectors.shape[1])
         g = torch.Generator(device=self.device).manual_seed(int(seed))
-        z = self.model.sdedit(
-            cood_vectors.to(self.device, torch.float32), self.cfg.strength, self.cfg.steps, g,
-            labels=labels, capture_step=self.cfg.capture_step, eta=self.cfg.eta,
-        )
+        with _threads(self.cfg.num_threads):
+            z = self.model.sdedit(
+                cood_vectors.to(self.device, torch.float32), self.cfg.strength, self.cfg.steps, g,
+                labels=labels, capture_step=self.cfg.capture_step, eta=self.cfg.eta,
+            )
         out = self.model.from_model_space(z)
         if self.cfg.normalize_output:
             out = F.normalize(out, dim=-1)

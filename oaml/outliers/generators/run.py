@@ -50,9 +50,9 @@ class GenerateConfig(StrictModel):
     overwrite: bool = False
     id_bank: str | None = Field(None, description="ID feature bank to train the feature diffusion model on")
     model: str | None = Field(None, description="feature diffusion model file (default: <out>.fdiff.safetensors)")
-    train: FeatureDiffusionTrainConfig = FeatureDiffusionTrainConfig()
-    feature_diffusion: FeatureDiffusionConfig = FeatureDiffusionConfig()
-    stable_diffusion: StableDiffusionConfig = StableDiffusionConfig()
+    train: FeatureDiffusionTrainConfig = Field(default_factory=FeatureDiffusionTrainConfig)
+    feature_diffusion: FeatureDiffusionConfig = Field(default_factory=FeatureDiffusionConfig)
+    stable_diffusion: StableDiffusionConfig = Field(default_factory=StableDiffusionConfig)
 
 
 def default_model_path(out: str | Path) -> Path:
@@ -60,15 +60,36 @@ def default_model_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".fdiff.safetensors")
 
 
+# training settings that do not change the trained model
+_RUNTIME_KEYS = {"device", "num_threads", "log_every"}
+
+
 def _feature_diffusion_model(cfg: GenerateConfig, cood: Bank, progress: bool) -> FeatureDiffusionModel:
+    """Load or train the model.
+
+    An explicit ``model`` file that exists is used as is (``train`` settings are not applied).
+    The default file ``<out>.fdiff.safetensors`` is reused only if it was trained on the same
+    ID bank with the same ``train`` settings; otherwise the run stops and asks for
+    ``--overwrite`` (retrain) rather than silently using a different model.
+    """
     path = Path(cfg.model) if cfg.model else default_model_path(cfg.out)
     if path.is_file() and not cfg.overwrite:
         model = FeatureDiffusionModel.load(path)
-        if cfg.id_bank and model.meta.get("id_bank") != str(Bank.open(cfg.id_bank).path):
+        trained_on = model.meta.get("id_bank")
+        if cfg.id_bank and (trained_on is None or Path(trained_on).resolve() != Path(cfg.id_bank).resolve()):
             raise BankError(
-                f"feature diffusion model {path} was trained on {model.meta.get('id_bank')!r}, not {cfg.id_bank!r}; "
+                f"feature diffusion model {path} was trained on {trained_on!r}, not {cfg.id_bank!r}; "
                 "pass --overwrite to retrain it or another --model path"
             )
+        if cfg.model is None:
+            have = {k: v for k, v in model.meta.get("train_config", {}).items() if k not in _RUNTIME_KEYS}
+            want = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RUNTIME_KEYS}
+            if have != want:
+                diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+                raise BankError(
+                    f"feature diffusion model {path} was trained with other settings ({', '.join(diff)}); pass "
+                    "--overwrite to retrain it, or --model to use it as is"
+                )
         log.info("using feature diffusion model %s", path)
         return model
     if not cfg.id_bank:
