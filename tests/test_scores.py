@@ -130,6 +130,7 @@ def test_fit_required_before_score(problem):
         ("vim", {"dim": 0}, "dim"),
         ("knn", {"K": 0}, "K"),
         ("knn", {"backend": "annoy"}, "backend"),
+        ("knn", {"bank_fraction": 0.0}, "bank_fraction"),
         ("klm", {"match": "max"}, "match"),
         ("gram", {"powers": 0}, "powers"),
         ("gram", {"holdout": 1.0}, "holdout"),
@@ -321,6 +322,16 @@ def test_knn_exact_and_options(problem):
     # invariant to positive rescaling of each feature vector
     scaled = FeatureSet(te.logits, te.features * (torch.rand(len(te), 1) * 10 + 0.1))
     np.testing.assert_allclose(s64.score(scaled), expected, atol=1e-6)
+
+
+def test_knn_bank_fraction(problem):
+    _, tr, _, te, _ = problem
+    s = create_score("knn", K=3, bank_fraction=0.25, seed=3, dtype="float64").fit(tr)
+    assert len(s.bank_index_) == round(0.25 * len(tr))
+    sub = FeatureSet(tr.logits[s.bank_index_], tr.features[s.bank_index_], tr.labels[s.bank_index_])
+    np.testing.assert_allclose(s.score(te), brute_knn(sub, te, 3), atol=1e-7)
+    with pytest.raises(ConfigError, match="exceeds the bank size"):
+        create_score("knn", K=200, bank_fraction=0.25).fit(tr)
 
 
 def test_knn_faiss_backend_matches_torch(problem):
