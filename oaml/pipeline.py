@@ -65,6 +65,7 @@ class GeneratorStageConfig(StrictModel):
 class StudentRunConfig(StrictModel):
     optim: OptimConfig
     method: MethodConfig = MethodConfig()
+    pretrained: Optional[str] = None  # vanilla only: torchvision-format weights used as the vanilla student, no training
 
 
 class EvalStageConfig(StrictModel):
@@ -95,6 +96,19 @@ class PipelineConfig(StrictModel):
     continuation: bool = True  # also train vanilla for the OAML epochs from the same start (fair comparison)
     eval: EvalStageConfig = EvalStageConfig()
     progress: bool = True
+
+    @classmethod
+    def from_dict(cls, data: Optional[Dict[str, Any]], source: str = "config") -> "PipelineConfig":
+        """Partial sections merge onto the defaults: ``oaml: {optim: {epochs: 5}}`` keeps the OAML
+        method and learning rate of the defaults and changes only the epochs."""
+        return super().from_dict(_deep_merge(cls().model_dump(mode="json"), data or {}), source)
+
+
+def _deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _train_config(cfg: PipelineConfig, run: StudentRunConfig, init: Optional[str], teacher_ckpt: Optional[str], banks: Dict[str, str]) -> TrainConfig:
@@ -206,6 +220,8 @@ class Pipeline:
         out = self.out / "students" / name
         if (out / "summary.json").is_file():
             return out / "best.pt"
+        if run.pretrained:
+            return self._import_pretrained(out, run.pretrained)
         banks: Dict[str, str] = {}
         probe = _train_config(self.cfg, run, init, None, {})
         req = method_requirements(probe)
@@ -224,6 +240,25 @@ class Pipeline:
         trainer = build_trainer(tcfg, out, teacher=teacher)
         trainer.fit(resume=(out / "last.pt").is_file())
         self.times[f"train_{name}"] = time.time() - t0
+        return out / "best.pt"
+
+    def _import_pretrained(self, out: Path, weights: str) -> Path:
+        """Use published weights (e.g. torchvision's ResNet-50 V1 for ImageNet, as the paper) as the vanilla student."""
+        from .data import get_benchmark
+        from .models.checkpoint import save_student
+        from .models.preprocess import Preprocess
+        from .models.resnet import create_model, load_weights
+
+        bench = get_benchmark(self.cfg.benchmark)
+        s = self.cfg.student
+        model = create_model(s.name, num_classes=bench.num_classes, in_channels=bench.channels, width=s.width, stem=s.stem)
+        load_weights(model, weights)
+        arch = {"name": s.name, "width": s.width, "stem": s.stem, "num_classes": bench.num_classes, "in_channels": bench.channels}
+        out.mkdir(parents=True, exist_ok=True)
+        save_student(out / "best.pt", model, arch, Preprocess.from_config(self.cfg.preprocess).config(),
+                     {"epoch": 0, "val_accuracy": None, "method": "vanilla", "pretrained": weights})
+        write_json(out / "summary.json", {"method": "vanilla", "pretrained": weights, "epochs": 0, "best_val_accuracy": None,
+                                          "seconds_per_epoch": None, "history": [], "terms": {"ce": {}}})
         return out / "best.pt"
 
     def evaluate(self, name: str, ckpt: Path) -> Dict[str, Any]:
@@ -278,7 +313,9 @@ class Pipeline:
             lines += [f"### {group}", "", comparison_table(results, main_scores, group=group)]
         lines += ["## Training", "", "| run | method | epochs | best val acc | s/epoch |", "|---|---|---|---|---|"]
         for name, s in summaries.items():
-            lines.append(f"| {name} | {s['method']} | {s['epochs']} | {100 * s['best_val_accuracy']:.2f} | {s['seconds_per_epoch']:.1f} |")
+            acc = "-" if s["best_val_accuracy"] is None else f"{100 * s['best_val_accuracy']:.2f}"
+            spe = "-" if s["seconds_per_epoch"] is None else f"{s['seconds_per_epoch']:.1f}"
+            lines.append(f"| {name} | {s['method']} | {s['epochs']} | {acc} | {spe} |")
         if "oaml" in summaries and summaries["oaml"]["history"]:
             last = summaries["oaml"]["history"][-1]
             terms = {k: v for k, v in last.items() if k not in ("epoch", "lr", "seconds", "steps")}
