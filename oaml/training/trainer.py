@@ -206,8 +206,11 @@ class Trainer:
 
         self.net: nn.Module = _FeatureForward(self.model)
         if self.distributed:
-            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
-            self.model = self.net.model  # type: ignore[assignment]
+            if self.device.type == "cuda":  # BatchNorm statistics over the global batch
+                self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+                self.model = self.net.model  # type: ignore[assignment]
+            else:  # torch's SyncBatchNorm needs GPUs: on CPU each process normalises its own batch
+                log.warning("distributed training on CPU: BatchNorm statistics are per process (SyncBatchNorm needs CUDA)")
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
 
@@ -333,7 +336,16 @@ class Trainer:
             if aug.flip or aug.crop_padding:
                 aux_raw = augment_batch(aux_raw, aug.flip, aug.crop_padding, g)
             aux_x = self.preprocess(aux_raw.to(self.device))
-        inputs = x if aux_x is None else torch.cat([x, aux_x])  # ONE forward pass for ID + outliers
+        # terms may add images built from this batch (e.g. MixOE's ID/outlier mixtures) to the same pass
+        extra_in: Dict[str, Tuple[torch.Tensor, Any]] = {}
+        for name, term in self.terms.items():
+            made = term.extra_inputs(x, labels, aux_x, g)
+            if made is not None:
+                extra_in[name] = made
+        fwd_aux = aux_x is not None and any("aux" in t.requires and t.forward_aux for t in self.terms.values())
+        n_aux = aux_x.shape[0] if fwd_aux else 0  # type: ignore[union-attr]
+        parts = [x] + ([aux_x] if fwd_aux else []) + [e[0] for e in extra_in.values()]
+        inputs = torch.cat(parts) if len(parts) > 1 else x  # ONE forward pass for ID + outliers
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             logits_all, feats_all = self.net(inputs)
         logits_all, feats_all = logits_all.float(), feats_all.float()
@@ -346,10 +358,15 @@ class Trainer:
             epoch=self.epoch,
             step=self.global_step,
             aux_images=aux_x,
-            aux_logits=logits_all[n_id:] if aux_x is not None else None,
-            aux_features=feats_all[n_id:] if aux_x is not None else None,
+            aux_logits=logits_all[n_id : n_id + n_aux] if fwd_aux else None,
+            aux_features=feats_all[n_id : n_id + n_aux] if fwd_aux else None,
             model=self.model,
         )
+        off = n_id + n_aux
+        for name, (imgs, info) in extra_in.items():
+            n = imgs.shape[0]
+            state.extras[name] = {"logits": logits_all[off : off + n], "features": feats_all[off : off + n], "info": info}
+            off += n
         if self.teacher_needed:
             state.teacher_logits, state.teacher_features = self._teacher_outputs(raw_aug, idx)
         logs: Dict[str, float] = {}
@@ -401,7 +418,7 @@ class Trainer:
             self.sampler.set_epoch(self.epoch)
             order = list(self.sampler)
             batches = [order[i * bs : (i + 1) * bs] for i in range(self.steps_per_epoch)]
-            g = torch.Generator().manual_seed(_seed_for(cfg.seed, self.epoch))
+            g = torch.Generator().manual_seed(_seed_for(cfg.seed, self.epoch) + self.rank)
             if self.step_in_epoch and self._gen_state is not None:
                 g.set_state(self._gen_state)
             sums: Dict[str, float] = {}
