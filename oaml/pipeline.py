@@ -156,7 +156,9 @@ class Pipeline:
             tcfg = {"name": cfg.teacher.name, "weights": cfg.teacher.weights}
             if cfg.teacher.size:
                 tcfg["preprocess"] = {"size": cfg.teacher.size}
-            teacher = load_teacher(TeacherConfig.from_dict(tcfg), device=cfg.device)
+            from .utils.device import resolve_device
+
+            teacher = load_teacher(TeacherConfig.from_dict(tcfg), device=resolve_device(cfg.device))
             ft = cfg.teacher.finetune.model_copy(update={"device": cfg.device, "seed": cfg.seed, "progress": cfg.progress})
             finetune_teacher(teacher, bench.id_train(cfg.root), bench.id_val(cfg.root), ft, out_path=path,
                              num_classes=bench.num_classes, dataset_info={"dataset": bench.id_dataset, "split": "train"})
