@@ -106,6 +106,20 @@ class Evaluator:
             self._feats[key] = self.cache.get_or_compute(key, meta, compute) if self.cache else compute()
         return self._feats[key]
 
+    def _score_kwargs(self, name: str) -> Dict[str, Any]:
+        """The user's settings; a score that perturbs inputs in pixel units (ODIN's ``std``)
+        gets the model's normalisation std unless the user set it."""
+        import inspect
+
+        from ..scores import SCORES
+
+        kw = dict(self.score_kwargs.get(name, {}))
+        params = inspect.signature(SCORES.get(name)).parameters
+        std = getattr(self.preprocess, "std", None)
+        if "std" in params and "std" not in kw and isinstance(std, torch.Tensor):
+            kw["std"] = tuple(float(v) for v in std.flatten())
+        return kw
+
     def _loader(self, dataset: Dataset) -> PreprocessedLoader:
         return PreprocessedLoader(dataset, self.preprocess, min(self.batch_size, 256), self.device)
 
@@ -122,7 +136,7 @@ class Evaluator:
         self.raw_scores: Dict[str, Dict[str, np.ndarray]] = {}
         for name in self.score_names:
             t1 = time.time()
-            score = create_score(name, **self.score_kwargs.get(name, {}))
+            score = create_score(name, **self._score_kwargs(name))
             fit_split = {"train": "id_train", "val": "id_val"}.get(score.fit_on)
             fit_data = self.features(fit_split, self.splits[fit_split]) if fit_split else None
             if score.requires_model:
