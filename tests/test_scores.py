@@ -491,3 +491,13 @@ def test_search_model_score(cnn):
         "odin", {"temperature": [1.0, 1000.0]}, id_val=batches(xi, yi), ood_val=batches(xo, yo), model=cnn
     )
     assert len(res.trials) == 2 and res.best_params["temperature"] in (1.0, 1000.0)
+
+
+def test_vim_default_dim_follows_the_feature_width():
+    g = torch.Generator().manual_seed(0)
+    for D, expected in ((64, 32), (512, 256), (768, 256)):
+        feats = torch.randn(600, D, generator=g).abs()
+        W, b = torch.randn(4, D, generator=g), torch.randn(4, generator=g)
+        fs = FeatureSet(logits=feats @ W.T + b, features=feats)
+        s = create_score("vim").fit(fs, head=(W, b))
+        assert s.dim_ == expected and s.residual_basis_.shape == (D, D - expected)

@@ -21,8 +21,10 @@ class ViM(Score):
     :math:`\alpha = \mathrm{mean}_{train}\max_c z_c / \mathrm{mean}_{train}\|(f-u)R\|`.
 
     Paper: Wang et al., "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022.
-    Default ``dim=256`` (for 512-d features); ``1 <= dim < D`` is checked at fit (ConfigError),
-    which avoids OpenOOD's empty null space (alpha = inf, NaN scores) for dim >= D.
+    Default ``dim=None``: 256 for features of 512 or more dimensions (OpenOOD's setting for
+    ResNet-18), ``D // 2`` below that (pytorch-ood also halves). An explicit ``dim`` must satisfy
+    ``1 <= dim < D``, checked at fit (ConfigError), which avoids OpenOOD's empty null space
+    (alpha = inf, NaN scores) for dim >= D.
 
     Fit on ID **train** (``fit_on="train"``) with ``head=(W, b)`` (``model.fc_weights()``;
     ``b=None`` gives ``u=0``). The logits are read from the FeatureSet (for train: alpha; for
@@ -37,15 +39,17 @@ class ViM(Score):
     fit_on = "train"
     needs_head = True
 
-    def __init__(self, dim: int = 256):
+    def __init__(self, dim: int | None = None):
         super().__init__()
-        self.dim = check_number("dim", dim, low=1, integer=True, score=self.name)
+        self.dim = None if dim is None else check_number("dim", dim, low=1, integer=True, score=self.name)
 
     def _fit(self, data: FeatureSet, W, b) -> None:
         D = data.feature_dim
-        if self.dim >= D:
+        dim = self.dim if self.dim is not None else (256 if D >= 512 else max(1, D // 2))
+        self.dim_ = dim
+        if dim >= D:
             raise ConfigError(
-                f"vim: dim={self.dim} must be < the feature dimension D={D} (allowed: 1..{D - 1}); "
+                f"vim: dim={dim} must be < the feature dimension D={D} (allowed: 1..{D - 1}); "
                 "the residual space would be empty"
             )
         u = -(torch.linalg.pinv(W) @ b) if b is not None else torch.zeros(D, dtype=torch.float64)
@@ -53,13 +57,13 @@ class ViM(Score):
         cov = X.T @ X / X.shape[0]
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         self.u_ = u
-        self.residual_basis_ = evecs[:, : D - self.dim].contiguous()  # the smallest D - dim
+        self.residual_basis_ = evecs[:, : D - dim].contiguous()  # the smallest D - dim
         vlogit = (X @ self.residual_basis_).norm(dim=1)
         max_logit = data.logits.detach().to("cpu", torch.float64).max(dim=1).values
         denom = float(vlogit.mean())
         if not denom > 0:
             raise ConfigError(
-                f"vim: the train features have no component outside the top-{self.dim} principal "
+                f"vim: the train features have no component outside the top-{dim} principal "
                 "subspace (residual norm 0); use a smaller dim"
             )
         self.alpha_ = float(max_logit.mean()) / denom

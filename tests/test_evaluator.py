@@ -1,0 +1,104 @@
+"""Evaluator, feature cache and report on a tiny trained model and tiny OOD sets."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import oaml.evaluation.features as features_mod
+from oaml.errors import ConfigError
+from oaml.evaluation.evaluator import DEFAULT_SCORES, Evaluator, OODSet
+from oaml.evaluation.report import write_report
+from oaml.models.preprocess import Preprocess
+from oaml.training.config import TrainConfig
+from oaml.training.trainer import Trainer
+
+from helpers import TinyImages
+
+
+class Noise(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
+        self.labels = torch.full((n,), -1)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], -1
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig.from_dict({
+        "data": {"batch_size": 16, "augment": {"flip": False, "crop_padding": 0}},
+        "student": {"width": 0.125}, "preprocess": {"channels": 1}, "optim": {"lr": 0.05, "epochs": 2},
+        "tensorboard": False, "progress": False,
+    })
+    tr = Trainer(cfg, TinyImages(96), TinyImages(32, seed=1), out, num_classes=4, in_channels=1)
+    tr.fit()
+    return tr.model.eval(), tr.preprocess
+
+
+def _evaluator(model, pre, tmp_path, scores=DEFAULT_SCORES, **kw):
+    ood = [OODSet("noise-a", "near", Noise(40, 1)), OODSet("noise-b", "far", Noise(30, 2))]
+    return Evaluator(model, pre, TinyImages(80, seed=3), TinyImages(40, seed=4), TinyImages(50, seed=5), ood,
+                     scores=scores, device="cpu", batch_size=32, cache_dir=tmp_path / "cache", model_id="abc123",
+                     benchmark="tiny", progress=False, **kw)
+
+
+def test_all_scores_end_to_end_with_report(trained, tmp_path):
+    model, pre = trained
+    ev = _evaluator(model, pre, tmp_path)
+    res = ev.run()
+    assert set(res["scores"]) == set(DEFAULT_SCORES)
+    for name, entry in res["scores"].items():
+        assert set(entry["datasets"]) == {"noise-a", "noise-b"}
+        for d in entry["datasets"].values():
+            assert set(d) == {"fpr95", "fpr95_id_pos", "auroc", "aupr_in", "aupr_out", "detection_error", "group"}
+            assert all(0 <= d[k] <= 100 for k in d if k != "group")
+        assert entry["near"]["auroc"] == entry["datasets"]["noise-a"]["auroc"]
+        assert entry["all"]["auroc"] == pytest.approx(np.mean([entry["datasets"][k]["auroc"] for k in ("noise-a", "noise-b")]))
+    # the model learned the bright-square rule, so uniform noise is easy to reject by the energy score
+    assert res["scores"]["ebo"]["all"]["auroc"] > 70
+    paths = write_report(tmp_path / "report", res, ev.raw_scores)
+    data = json.loads(paths["json"].read_text())
+    assert data["id_accuracy"] == res["id_accuracy"]
+    md = paths["md"].read_text()
+    assert "| EBO |" in md and "noise-a (near)" in md
+    assert (tmp_path / "report" / "plots" / "hist_knn.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "plots" / "roc_ebo.png").exists()
+    npz = np.load(paths["scores"])
+    assert npz["ebo/id_test"].shape == (50,) and npz["ebo/noise-b"].shape == (30,)
+
+
+def test_feature_cache_is_reused_and_keyed_by_model(trained, tmp_path, monkeypatch):
+    model, pre = trained
+    calls = []
+    real = features_mod.extract_features
+
+    def counting(*a, **k):
+        calls.append(k.get("desc"))
+        return real(*a, **k)
+
+    monkeypatch.setattr("oaml.evaluation.evaluator.extract_features", counting)
+    _evaluator(model, pre, tmp_path, scores=("ebo", "knn")).run()
+    first = len(calls)
+    assert first == 4  # id_test, two OOD sets, id_train (knn fits on train)
+    _evaluator(model, pre, tmp_path, scores=("ebo", "knn")).run()
+    assert len(calls) == first  # all from the cache
+    ev = _evaluator(model, pre, tmp_path, scores=("ebo",))
+    ev.cache.model_id = "another-checkpoint"
+    ev.run()
+    assert len(calls) == first + 3
+
+
+def test_bad_requests_fail_before_work(trained, tmp_path):
+    model, pre = trained
+    with pytest.raises(ConfigError, match="unknown score 'knm'"):
+        _evaluator(model, pre, tmp_path, scores=("knm",))
+    with pytest.raises(ConfigError, match="not among the scores"):
+        _evaluator(model, pre, tmp_path, scores=("ebo",), score_kwargs={"knn": {"k": 3}})
