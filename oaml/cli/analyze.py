@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seeded subset size per set (default 5000)")
     p.add_argument("--no-normalize", dest="normalize", action="store_false", help="skip L2 normalisation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="cap BLAS threads (default: unchanged)")
     p.set_defaults(func=run)
 
 
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     if not sets:
         raise ConfigError("give at least one of --cood, --dood, --ood-features")
     result = analyze_outliers(args.id_bank, sets, k=args.k, max_samples=args.max_samples,
-                              normalize=args.normalize, seed=args.seed, out_dir=args.out)
+                              normalize=args.normalize, seed=args.seed, out_dir=args.out,
+                              num_threads=args.threads)
     print(markdown_table(result))
     print(f"written to {args.out}")
     return 0

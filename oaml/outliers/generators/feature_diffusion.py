@@ -3,7 +3,10 @@
 Model
     :class:`FeatureDenoiser` is an MLP epsilon-predictor: input projection, ``depth`` residual
     blocks (LayerNorm -> FiLM from the timestep embedding -> Linear-SiLU-Linear, added back),
-    output LayerNorm + zero-initialised projection. The timestep goes through the sinusoidal
+    output LayerNorm + zero-initialised projection, added to the analytic skip
+    ``sqrt(1 - alpha_bar_t) * x_t`` (the optimal epsilon for independent unit-variance
+    dimensions, which standardisation produces; without it a ``width < dim`` bottleneck cannot pass
+    ``x_t`` through and the loss stalls at about ``1 - width/dim``). The timestep goes through the sinusoidal
     embedding of ``diffusers`` (``Timesteps`` + ``TimestepEmbedding``); optionally a learned
     class embedding is added to it (``class_conditional``).
 
@@ -128,11 +131,18 @@ class _Block(nn.Module):
 class FeatureDenoiser(nn.Module):
     """Residual MLP predicting the noise of x_t given the timestep (and optionally the class)."""
 
-    def __init__(self, dim: int, cfg: FeatureDiffusionTrainConfig, num_classes: int = 0):
+    def __init__(self, dim: int, cfg: FeatureDiffusionTrainConfig, num_classes: int = 0,
+                 alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
         self.dim = dim
+        if alphas_cumprod is None:
+            alphas_cumprod = torch.zeros(cfg.num_train_timesteps)
+        # analytic skip: sqrt(1 - alpha_bar_t) * x_t is the optimal epsilon for data with
+        # independent unit-variance dimensions (what standardisation makes); the MLP learns the
+        # rest. Without it a width < dim bottleneck cannot even pass x_t through at large t.
+        self.register_buffer("skip_coef", (1 - alphas_cumprod.float()).sqrt())
         emb = cfg.width
         self.time_proj = Timesteps(cfg.time_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(cfg.time_embed_dim, emb)
@@ -157,7 +167,8 @@ class FeatureDenoiser(nn.Module):
         h = self.inp(x)
         for blk in self.blocks:
             h = blk(h, emb)
-        return self.out(self.out_norm(h))
+        skip = self.skip_coef[t.long().clamp(0, self.skip_coef.numel() - 1)].to(x.dtype)[:, None] * x
+        return skip + self.out(self.out_norm(h))
 
 
 class FeatureDiffusionModel(nn.Module):
@@ -169,7 +180,10 @@ class FeatureDiffusionModel(nn.Module):
         self.cfg = cfg
         self.classes = [int(c) for c in (classes or [])]
         self.meta: dict[str, Any] = dict(meta or {})
-        self.net = FeatureDenoiser(dim, cfg, num_classes=len(self.classes))
+        from diffusers import DDPMScheduler
+
+        acp = DDPMScheduler(**self.scheduler_config()).alphas_cumprod
+        self.net = FeatureDenoiser(dim, cfg, num_classes=len(self.classes), alphas_cumprod=acp)
         self.register_buffer("data_mean", torch.zeros(dim))
         self.register_buffer("data_std", torch.ones(dim))
 
