@@ -15,7 +15,7 @@ the terms they use with their default settings.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Iterable, Optional, Type
+from typing import Any, ClassVar, Dict, Iterable, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,18 @@ class Term(nn.Module):
         return [{"params": params}] if params else []
 
     own_optimizer: Optional[torch.optim.Optimizer] = None
+    #: whether the auxiliary outlier images themselves go through the student (terms that only
+    #: use them inside :meth:`extra_inputs`, e.g. MixOE, set this to False)
+    forward_aux: ClassVar[bool] = True
+
+    def extra_inputs(
+        self, x: torch.Tensor, labels: torch.Tensor, aux_x: Optional[torch.Tensor], generator: torch.Generator
+    ) -> Optional[Tuple[torch.Tensor, Any]]:
+        """Extra preprocessed images this term adds to the step's ONE forward pass, built from the
+        ID batch ``x`` (and the auxiliary batch ``aux_x``), with ``info`` for the term (e.g. mixing
+        coefficients); ``generator`` is the step's seeded generator. Their outputs reach the term as
+        ``state.extras[<term name>] = {"logits", "features", "info"}``. Default: none."""
+        return None
 
     def pre_step(self, state: StepState) -> Dict[str, float]:
         return {}
