@@ -1,0 +1,278 @@
+"""Benchmark: oaml's k-NN boundary sampler (torch and faiss backends) against the authors' algorithm.
+
+    .venv/bin/python benchmarks/knn_sampling.py [--sizes ref,large] [--R-ref 2] [--R-large 1]
+
+Sizes (paper defaults K=300, S=50, N=1500, sigma=0.07, m=2; every contender gets the same R, so
+the output sizes are equal: classes * R * S * m vectors of dim 768):
+  ref    10 classes x   500 x 768  (the authors' CIFAR-10 bank shape; they used R=10)
+  large  10 classes x 5,000 x 768  (all 5,000 vectors of each class are used)
+
+Contenders, each in a FRESH worker process (so that peak memory is its own):
+  oaml-torch  sample_outliers(backend="torch"): reads the ID bank class by class, writes a C-OOD bank
+  oaml-faiss  sample_outliers(backend="faiss", faiss_index="flat")
+  authors     the authors' release re-implemented faithfully on the CPU (their code is CUDA-only):
+              DreamOOD/NPOS KNN.py `generate_outliers` with a faiss IndexFlatL2, their driver loop
+              (MultivariateNormal noise of 1500 draws shared by the 50 boundary points, the
+              `view(length, -1)` scrambled selection, index reset per call), the whole (C, n, 768)
+              feature file loaded in memory, outputs kept in a list, scaled by the anchor norm,
+              stacked and np.save'd at the end.
+
+Time: wall clock of the sampling call in the worker (input already on disk; output written).
+Memory: peak resident set size of the worker, VmHWM from /proc/self/status (the same number as
+resource.getrusage(RUSAGE_SELF).ru_maxrss), in MiB; it includes about 0.5 GB of torch/faiss
+libraries, so the script also reports `working_mib` = peak minus the RSS just before sampling, and
+the peak after the first class (`hwm_first_class_mib`): a sampler whose memory does not depend on
+the number of classes has the same peak after 1 class as after all of them.
+
+Results: printed, and written to benchmarks/results/knn_sampling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = dict(K=300, S=50, N=1500, sigma=0.07, m=2)
+SIZES = {"ref": (10, 500, 768), "large": (10, 5000, 768), "tiny": (2, 400, 768)}  # tiny: smoke test
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+def make_data(folder: Path, classes: int, n: int, d: int, seed: int = 0) -> None:
+    """Synthetic 'teacher features': per class a mean direction, a low-rank spread and isotropic noise."""
+    from oaml.outliers.bank import BankWriter
+
+    rng = np.random.default_rng(seed)
+    arr = np.lib.format.open_memmap(folder / "id_feat.npy", mode="w+", dtype=np.float32, shape=(classes, n, d))
+    with BankWriter(folder / "id_bank", "id_features", d, {"teacher": "synthetic", "dataset": f"bench-{classes}x{n}x{d}"},
+                    resume=False, overwrite=True) as w:
+        for c in range(classes):
+            mu = rng.normal(size=d) * 0.6
+            basis = rng.normal(size=(16, d))
+            x = mu + rng.normal(size=(n, 16)) @ basis * 0.25 + rng.normal(size=(n, d))
+            x = x.astype(np.float32)
+            arr[c] = x
+            w.add(x, np.full(n, c, np.int64))
+    arr.flush()
+    del arr
+    np.save(folder / "anchors.npy", rng.normal(size=(classes, d)).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# the authors' algorithm (DreamOOD/NPOS KNN.py + get_embed_*.py driver), CPU, faithful
+# ----------------------------------------------------------------------------------------------
+def authors_run(data: Path, out: Path, R: int, hwm: list) -> None:
+    import faiss
+    import faiss.contrib.torch_utils  # noqa: F401  (as in their KNN.py: faiss on torch tensors)
+    import torch
+    import torch.nn.functional as F
+    from torch.distributions import MultivariateNormal
+
+    def KNN_dis_search_decrease(target, index, K=50, select=1, shift=0):
+        target_norm = torch.norm(target, p=2, dim=1, keepdim=True)
+        normed_target = target / target_norm
+        distance, output_index = index.search(normed_target, K)
+        k_th_distance = distance[:, -1]
+        if shift:
+            k_th_distance, minD_idx = torch.topk(-k_th_distance, select)
+        else:
+            k_th_distance, minD_idx = torch.topk(k_th_distance, select)
+        return minD_idx, k_th_distance
+
+    def KNN_dis_search_distance(target, index, K=50, num_points=10, length=2000, depth=342, shift=0):
+        target_norm = torch.norm(target, p=2, dim=1, keepdim=True)
+        normed_target = target / target_norm
+        distance, output_index = index.search(normed_target, K)
+        k_th_distance = distance[:, -1]
+        k_th = k_th_distance.view(length, -1)  # the scramble: blocks are (pic_nums, length), not (length, -1)
+        if shift:
+            k_th_distance, minD_idx = torch.topk(-k_th, num_points, dim=0)
+        else:
+            k_th_distance, minD_idx = torch.topk(k_th, num_points, dim=0)
+        minD_idx = minD_idx.squeeze()
+        point_list = []
+        if len(minD_idx.size()) == 1:
+            minD_idx = minD_idx.reshape(-1, 1)
+        for i in range(minD_idx.shape[1]):
+            point_list.append(i * length + minD_idx[:, i])
+        return target[torch.cat(point_list)]
+
+    def generate_outliers(ID, input_index, negative_samples, ID_points_num=2, K=20, select=1, cov_mat=0.1,
+                          sampling_ratio=1.0, pic_nums=30, depth=342, shift=0):
+        length = negative_samples.shape[0]
+        data_norm = torch.norm(ID, p=2, dim=1, keepdim=True)
+        normed_data = ID / data_norm
+        rand_ind = np.random.choice(normed_data.shape[0], int(normed_data.shape[0] * sampling_ratio), replace=False)
+        index = input_index
+        index.add(normed_data[rand_ind])
+        minD_idx, k_th = KNN_dis_search_decrease(ID, index, K, select, shift=shift)
+        boundary_data = ID[minD_idx]
+        minD_idx = minD_idx[np.random.choice(select, int(pic_nums), replace=False)]
+        data_point_list = torch.cat([ID[i:i + 1].repeat(length, 1) for i in minD_idx])
+        negative_sample_cov = cov_mat * negative_samples.repeat(pic_nums, 1)  # .cuda() dropped: CPU run
+        negative_sample_list = F.normalize(negative_sample_cov + data_point_list, p=2, dim=1)
+        point = KNN_dis_search_distance(negative_sample_list, index, K, ID_points_num, length, depth, shift=shift)
+        index.reset()
+        return point, boundary_data
+
+    np.random.seed(0)
+    torch.manual_seed(0)
+    KNN_index = faiss.IndexFlatL2(768)
+    anchor = torch.from_numpy(np.load(data / "anchors.npy"))
+    data_dict = torch.from_numpy(np.load(data / "id_feat.npy"))  # the whole feature file in memory
+    num_classes = data_dict.shape[0]
+    ood_samples = []
+    for index in range(num_classes):
+        ID = F.normalize(data_dict[index], p=2, dim=1)
+        for index1 in range(R):
+            new_dis = MultivariateNormal(torch.zeros(768), torch.eye(768))
+            negative_samples = new_dis.rsample((1500,))
+            sample_point1, boundary_point = generate_outliers(
+                ID, input_index=KNN_index, negative_samples=negative_samples, ID_points_num=PAPER["m"],
+                K=PAPER["K"], select=PAPER["S"], cov_mat=PAPER["sigma"], sampling_ratio=1.0, pic_nums=PAPER["S"],
+                depth=768, shift=0)
+            sample_point = sample_point1 if index1 == 0 else torch.cat([sample_point, sample_point1], 0)
+        ood_samples.append(sample_point * anchor[index].norm())
+        hwm.append(_status_mib("VmHWM"))
+    np.save(out / "authors_outliers.npy", torch.stack(ood_samples).cpu().data.numpy())
+
+
+def oaml_run(data: Path, out: Path, R: int, backend: str, hwm: list) -> None:
+    import oaml.outliers.knn as knn
+
+    real = knn.sample_class_outliers
+
+    def tracked(*a, **k):
+        v = real(*a, **k)
+        hwm.append(_status_mib("VmHWM"))
+        return v
+
+    knn.sample_class_outliers = tracked
+    cfg = knn.KNNSamplerConfig(**PAPER, R=R, features_per_class=None, backend=backend, faiss_index="flat",
+                               device="cpu", seed=0)
+    knn.sample_outliers(data / "id_bank", out / f"cood_{backend}", cfg, progress=False, resume=False, overwrite=True)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch  # noqa: F401  (libraries loaded before the baseline is taken)
+    import faiss  # noqa: F401
+    import oaml.outliers.knn  # noqa: F401
+
+    import resource
+
+    data, out = Path(args.data), Path(args.out_dir)
+    hwm: list = []
+    base = _status_mib("VmRSS")
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    if args.worker == "authors":
+        authors_run(data, out, args.R, hwm)
+    else:
+        oaml_run(data, out, args.R, args.worker.split("-", 1)[1], hwm)
+    seconds = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    peak = _status_mib("VmHWM")
+    print(json.dumps({
+        "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak, "baseline_rss_mib": base, "working_mib": peak - base,
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "hwm_first_class_mib": hwm[0] if hwm else None, "hwm_per_class_mib": [round(h, 1) for h in hwm],
+    }))
+
+
+# ----------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="ref,large")
+    ap.add_argument("--R-ref", type=int, default=2, help="repeats at the ref size (paper: 10), same for all")
+    ap.add_argument("--R-large", type=int, default=1, help="repeats at the large size, same for all")
+    ap.add_argument("--classes-large", type=int, default=10,
+                    help="classes at the large size (default 10; fewer only to fit a slow shared machine, reported)")
+    ap.add_argument("--contenders", default="authors,oaml-torch,oaml-faiss")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "knn_sampling.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--out-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--R", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import torch
+
+    results = {
+        "what": "k-NN boundary sampling (C-OOD): oaml vs the authors' algorithm, equal output size",
+        "settings": PAPER,
+        "memory": "peak RSS = VmHWM of a fresh worker process per contender (== getrusage ru_maxrss), MiB; "
+                  "working = peak - RSS before sampling (libraries loaded)",
+        "time": "wall seconds of the sampling call, input on disk, output written to disk; cpu_seconds = "
+                "user+sys CPU time of the same call (less sensitive to other jobs on the shared machine)",
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_avg_start": os.getloadavg(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "runs": [],
+    }
+    sizes = args.sizes.split(",")
+    out_file = Path(args.out)
+    if out_file.is_file():  # keep earlier results of the sizes not rerun now
+        old = json.loads(out_file.read_text())
+        results["runs"] = [r for r in old.get("runs", []) if r.get("size") not in sizes]
+        results["earlier_machine"] = old.get("machine")
+    for size in sizes:
+        C, n, d = SIZES[size]
+        if size == "large":
+            C = args.classes_large
+        R = args.R_large if size == "large" else args.R_ref
+        with tempfile.TemporaryDirectory(prefix=f"knnbench-{size}-") as tmp:
+            tmp = Path(tmp)
+            make_data(tmp, C, n, d)
+            rows = {}
+            for name in args.contenders.split(","):
+                cmd = [sys.executable, __file__, "--worker", name, "--data", str(tmp), "--out-dir", str(tmp),
+                       "--R", str(R)]
+                p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if p.returncode != 0:
+                    raise SystemExit(f"{name} failed:\n{p.stderr[-3000:]}")
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                r.update(contender=name, size=size, classes=C, n_per_class=n, dim=d, R=R,
+                         output_vectors=C * R * PAPER["S"] * PAPER["m"], load_avg_after=os.getloadavg())
+                rows[name] = r
+                print(f"[{size} {C}x{n}x{d} R={R}] {name:11s} {r['seconds']:8.1f} s wall {r['cpu_seconds']:8.1f} s CPU   peak RSS {r['peak_rss_mib']:7.0f} MiB"
+                      f"   working {r['working_mib']:6.0f} MiB   HWM after class 1 {r['hwm_first_class_mib']:.0f} MiB",
+                      flush=True)
+            if "authors" in rows:
+                ref = rows["authors"]
+                for r in rows.values():
+                    r["time_ratio_vs_authors"] = r["seconds"] / ref["seconds"]
+                    r["speedup_vs_authors"] = ref["seconds"] / r["seconds"]
+                    r["cpu_speedup_vs_authors"] = ref["cpu_seconds"] / r["cpu_seconds"]
+                    r["working_mem_ratio_vs_authors"] = r["working_mib"] / ref["working_mib"]
+                    print(f"    {r['contender']:11s} speed-up x{r['speedup_vs_authors']:.2f} wall, "
+                          f"x{r['cpu_speedup_vs_authors']:.2f} CPU   "
+                          f"working memory x{r['working_mem_ratio_vs_authors']:.2f} of the authors'")
+            results["runs"].extend(rows.values())
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # after every size
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
