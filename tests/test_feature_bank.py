@@ -174,3 +174,33 @@ def test_teacher_output_cache_lookup(tmp_path, teacher):
         cache.lookup([40])
     with pytest.raises(BankError):
         cache.require(_teacher(size=48))
+
+
+def test_cli_finetune_then_bank_features(tmp_path, capsys):
+    """`oaml teacher finetune` then `oaml bank features` on the bundled 8x8 digits (1,797 images)."""
+    from oaml.cli.main import main
+
+    out = tmp_path / "teacher"
+    rc = main(["teacher", "finetune", "--teacher", "timm:test_efficientnet", "--dataset", "sklearn-digits",
+               "--train-split", "test", "--val-split", "val", "--out", str(out), "--image-size", "32",
+               "--epochs", "2", "--train-limit", "200", "--no-progress", "--threads", "1", "--device", "cpu"])
+    # a random-init timm test model needs local weights: the command must say so, not fall back
+    assert rc == 1 and "--teacher-weights" in capsys.readouterr().err
+
+    from safetensors.torch import save_file
+    import timm
+
+    save_file(timm.create_model("test_efficientnet").state_dict(), str(tmp_path / "w.safetensors"))
+    rc = main(["teacher", "finetune", "--teacher", "timm:test_efficientnet", "--teacher-weights", str(tmp_path / "w.safetensors"),
+               "--dataset", "sklearn-digits", "--train-split", "test", "--val-split", "val", "--out", str(out),
+               "--image-size", "32", "--epochs", "2", "--train-limit", "200", "--no-progress", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["finetune"]["n_train"] == 200 and len(summary["history"]) == 2
+    rc = main(["bank", "features", "--teacher-checkpoint", str(out / "teacher.pt"), "--dataset", "sklearn-digits",
+               "--split", "val", "--out", str(tmp_path / "bank"), "--per-class", "4", "--no-progress", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    teacher = load_teacher(checkpoint=out / "teacher.pt")
+    bank = open_feature_bank(tmp_path / "bank", teacher=teacher, dataset="sklearn-digits", split="val")
+    assert len(bank) == 40 and bank.meta["per_class_limit"] == 4
+    assert main(["bank", "info", str(tmp_path / "bank")]) == 0

@@ -187,3 +187,16 @@ def test_limited_indices_stratified():
     idx = limited_indices(labels, 40, seed=0)
     assert idx.size == 40 and np.array_equal(idx, limited_indices(labels, 40, seed=0))
     assert np.bincount(labels[idx]).tolist() == [20, 10, 6, 4]
+
+
+def test_full_finetune_trains_every_backbone_parameter():
+    """Full mode reaches parameters outside stage modules (ViT cls_token / pos_embed)."""
+    train, val = _toy_dataset(4, size=20, seed=4), _toy_dataset(2, size=20, seed=5)
+    teacher = load_teacher(TeacherConfig(name="timm:test_vit", pretrained=False))
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    cfg = FinetuneConfig(epochs=1, batch_size=6, backbone_lr=1e-2, progress=False, device="cpu")
+    res = finetune_teacher(teacher, train, val, cfg, out_path=None)
+    assert res["finetune"]["mode"] == "full" and not res["finetune"]["cached"]
+    after = teacher.model.state_dict()
+    for key in ("model.cls_token", "model.pos_embed", "model.patch_embed.proj.weight", "model.blocks.0.attn.qkv.weight"):
+        assert not torch.equal(before[key], after[key]), key

@@ -34,6 +34,7 @@ def _teacher_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over")
     p.add_argument("--overwrite", action="store_true", help="replace a bank made with other settings")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -66,6 +67,9 @@ def _load(args: argparse.Namespace):
     from ..models.teachers import TeacherConfig, load_teacher
     from ..utils.device import resolve_device
 
+    from .teacher import set_threads
+
+    set_threads(args)
     device = resolve_device(args.device)
     if args.teacher_checkpoint and args.teacher:
         raise ConfigError("give --teacher-checkpoint or --teacher, not both")

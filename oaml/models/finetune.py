@@ -197,10 +197,9 @@ def finetune_teacher(
         frozen, trainable = _trainable_split(teacher, cfg.train_blocks)
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in trainable:
-        for p in m.parameters():
-            p.requires_grad_(True)
-    for p in head.parameters():
+    # full: every backbone parameter (ViT's cls_token/pos_embed live outside any stage module)
+    bb = model.backbone_parameters() if (cfg.backbone_lr is not None and cfg.train_blocks is None) else [p for m in trainable for p in m.parameters()]
+    for p in [*bb, *head.parameters()]:
         p.requires_grad_(True)
 
     seq = _sequential_stages(teacher)
@@ -248,7 +247,6 @@ def finetune_teacher(
         Xtr = Xva = Ytr = Yva = None  # type: ignore[assignment]
 
     groups = [{"params": [p for p in head.parameters()], "lr": cfg.head_lr}]
-    bb = [p for m in trainable for p in m.parameters()]
     if bb:
         groups.append({"params": bb, "lr": float(cfg.backbone_lr)})  # type: ignore[arg-type]
     opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
@@ -312,10 +310,10 @@ def finetune_teacher(
         log.info("teacher fine-tune epoch %d/%d: loss %.4f train acc %.4f val acc %.4f (%.1fs)", epoch + 1, cfg.epochs, row["train_loss"], row["train_acc"], acc, row["time_s"])
         if acc > best_acc:
             best_acc, best_epoch = acc, epoch + 1
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainable_modules.state_dict().items()})
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in (model if mode == "full" else trainable_modules).state_dict().items()})
     timings["train_s"] = time.perf_counter() - t_train
     if best_state is not None:
-        trainable_modules.load_state_dict(best_state)
+        (model if mode == "full" else trainable_modules).load_state_dict(best_state)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
