@@ -102,3 +102,18 @@ def test_bad_requests_fail_before_work(trained, tmp_path):
         _evaluator(model, pre, tmp_path, scores=("knm",))
     with pytest.raises(ConfigError, match="not among the scores"):
         _evaluator(model, pre, tmp_path, scores=("ebo",), score_kwargs={"knn": {"k": 3}})
+
+
+def test_hyperparameter_search_uses_ood_val_only(trained, tmp_path):
+    model, pre = trained
+    with pytest.raises(ConfigError, match="OOD-val"):
+        _evaluator(model, pre, tmp_path, scores=("knn",), search={"knn": {"K": [3, 5]}})
+    with pytest.raises(ConfigError, match="needs the model"):
+        _evaluator(model, pre, tmp_path, scores=("odin",), search={"odin": {"temperature": [1, 10]}},
+                   ood_val=[OODSet("val-noise", "far", Noise(30, 9))])
+    ev = _evaluator(model, pre, tmp_path, scores=("knn", "ebo"), search={"knn": {"K": [3, 5]}},
+                    ood_val=[OODSet("val-noise", "far", Noise(30, 9))])
+    res = ev.run()
+    chosen = res["search"]["chosen"]["knn"]
+    assert chosen["params"]["K"] in (3, 5) and "val_auroc" in chosen
+    assert res["search"]["ood_val"] == ["val-noise"] and "ebo" not in res["search"]["chosen"]

@@ -20,6 +20,10 @@ def register(sub) -> None:
                    help="add your own OOD folder of images (repeatable)")
     p.add_argument("--score-arg", action="append", default=[], metavar="SCORE.PARAM=VALUE",
                    help="score hyperparameter, e.g. knn.k=100 (repeatable)")
+    p.add_argument("--aps", action="store_true",
+                   help="choose hyperparameters of react, knn, gen, ebo, mds on ID-val vs OOD-val (OpenOOD's grids)")
+    p.add_argument("--grid", action="append", default=[], metavar="SCORE.PARAM=V1,V2,...",
+                   help="search this grid on ID-val vs OOD-val (repeatable)")
     p.add_argument("--fit-limit", type=int, default=None, help="at most this many ID train images to fit scores")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
@@ -54,10 +58,23 @@ def run(args) -> int:
         if rest.rsplit(":", 1)[-1] in ("near", "far") and ":" in rest:
             rest, group = rest.rsplit(":", 1)
         extra.append((name, rest, group))
+    from ..evaluation.evaluator import DEFAULT_GRIDS
+
+    search: Dict[str, Dict[str, list]] = {}
+    if args.aps:
+        chosen = scores or list(DEFAULT_GRIDS)
+        search = {k: dict(v) for k, v in DEFAULT_GRIDS.items() if k in chosen}
+    for item in args.grid:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--grid expects SCORE.PARAM=V1,V2,..., got {item!r}")
+        key, raw = item.split("=", 1)
+        score, param = key.split(".", 1)
+        search.setdefault(score.lower(), {})[param] = [yaml.safe_load(v) for v in raw.split(",")]
     out = prepare_out(args.out, False, args.overwrite, "results.json")
     results = evaluate_checkpoint(
         args.checkpoint, args.benchmark, out, scores=scores, extra_ood=extra, score_kwargs=parse_score_args(args.score_arg),
         fit_limit=args.fit_limit, batch_size=args.batch_size, device=args.device, root=args.root, plots=not args.no_plots,
+        search=search or None,
     )
     print((Path(out) / "results.md").read_text())
     return 0

@@ -27,6 +27,7 @@ def evaluate_checkpoint(
     plots: bool = True,
     cache_dir: Optional[str | Path] = None,
     progress: bool = True,
+    search: Optional[Dict[str, Dict[str, list]]] = None,
 ) -> Dict[str, Any]:
     from ..data import get_benchmark
     from ..models.checkpoint import load_student
@@ -50,11 +51,12 @@ def evaluate_checkpoint(
             f"run `oaml data prepare` for them (see `oaml data list`)"
         )
     ood = [OODSet(r.name, r.group, bench.build_ood(r, root)) for r in bench.ood_test_sets]
+    ood_val = [OODSet(r.name, "far", bench.build_ood(r, root)) for r in bench.ood_val] if search else []
     ev = Evaluator(
         model, pre, bench.id_train(root), bench.id_val(root), bench.id_test(root), ood,
         scores=list(scores or DEFAULT_SCORES), score_kwargs=score_kwargs, device=dev, batch_size=batch_size,
         cache_dir=cache_dir or Path(out_dir) / "feature_cache", model_id=file_digest(checkpoint),
-        benchmark=benchmark, fit_limit=fit_limit, progress=progress,
+        benchmark=benchmark, fit_limit=fit_limit, progress=progress, ood_val=ood_val, search=search,
     )
     results = ev.run()
     results["checkpoint"] = str(checkpoint)

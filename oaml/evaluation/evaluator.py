@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = ("fpr95", "fpr95_id_pos", "auroc", "aupr_in", "aupr_out", "detection_error")
 DEFAULT_SCORES = ("msp", "odin", "mds", "klm", "gram", "react", "gradnorm", "vim", "knn", "gen", "ebo", "mls")
 
+# OpenOOD v1.5's APS sweeps (feature scores); used by ``search="default"``.
+DEFAULT_GRIDS: Dict[str, Dict[str, list]] = {
+    "react": {"percentile": [85, 90, 95, 99]},
+    "knn": {"K": [10, 20, 50, 100, 200]},
+    "gen": {"gamma": [0.01, 0.1, 0.5, 1, 2, 5, 10], "M": [10, 50, 100]},
+    "ebo": {"temperature": [1, 10, 100, 1000]},
+    "mds": {"shrinkage": [0.0, 0.01, 0.1]},
+}
+
 
 @dataclass
 class OODSet:
@@ -63,6 +72,9 @@ class Evaluator:
         fit_limit: Optional[int] = None,
         seed: int = 0,
         progress: bool = True,
+        ood_val: Sequence[OODSet] = (),
+        search: Optional[Dict[str, Dict[str, list]]] = None,
+        search_metric: str = "auroc",
     ):
         from ..scores import SCORES
 
@@ -93,6 +105,16 @@ class Evaluator:
         self.benchmark = benchmark
         self.progress = progress
         self.cache = FeatureCache(cache_dir, model_id) if cache_dir and model_id else None
+        self.ood_val = list(ood_val)
+        self.search = dict(search or {})
+        self.search_metric = search_metric
+        for name in self.search:
+            if name not in self.score_names:
+                raise ConfigError(f"a search grid is given for {name!r}, which is not among the scores evaluated")
+            if SCORES.get(name).requires_model:
+                raise ConfigError(f"hyperparameter search of {name!r} (it needs the model) is not supported; give fixed settings")
+        if self.search and not self.ood_val:
+            raise ConfigError("hyperparameter search needs OOD-val sets (the benchmark's ood_val); test sets are never used")
         self._feats: Dict[str, Any] = {}
         self.timings: Dict[str, float] = {}
 
@@ -125,7 +147,9 @@ class Evaluator:
 
     def run(self) -> Dict[str, Any]:
         from ..scores import create_score
+        from ..scores.search import search_hyperparameters
 
+        self.chosen: Dict[str, Any] = {}
         t0 = time.time()
         test = self.features("id_test", self.splits["id_test"])
         id_acc = float((test.logits.argmax(1) == test.labels).double().mean()) * 100
@@ -144,6 +168,18 @@ class Evaluator:
                 score.fit(fit_data, model=self.model, loader=loader, head=head)
                 s_id = score.score(test, model=self.model, loader=self._loader(self.splits["id_test"]))
                 s_ood = {o.name: score.score(ood_feats[o.name], model=self.model, loader=self._loader(o.dataset)) for o in self.ood_sets}
+            elif name in self.search:
+                val = self.features("id_val", self.splits["id_val"])
+                oodv = {o.name: self.features(f"oodval_{o.name}", o.dataset) for o in self.ood_val}
+                found = search_hyperparameters(
+                    name, self.search[name], id_val=val, ood_val=oodv, fit_data=fit_data, head=head,
+                    metric=self.search_metric, fixed=self.score_kwargs.get(name),
+                )
+                score = found.best_score
+                self.chosen[name] = {"params": found.best_params, "val_" + found.metric: 100 * found.best_value}
+                log.info("%s: chosen on ID-val vs OOD-val: %s", name, found.best_params)
+                s_id = score.score(test)
+                s_ood = {k: score.score(v) for k, v in ood_feats.items()}
             else:
                 score.fit(fit_data, head=head)
                 s_id = score.score(test)
@@ -162,6 +198,8 @@ class Evaluator:
             self.timings[name] = time.time() - t1
             log.info("%s: AUROC %.2f FPR@95 %.2f (%.1fs)", name, entry["all"]["auroc"], entry["all"]["fpr95"], self.timings[name])
         results["timings_seconds"] = dict(self.timings)
+        if self.chosen:
+            results["search"] = {"metric": self.search_metric, "ood_val": [o.name for o in self.ood_val], "chosen": self.chosen}
         results["ood_sets"] = [{"name": o.name, "group": o.group, "count": len(o.dataset)} for o in self.ood_sets]  # type: ignore[arg-type]
         return results
 
