@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (feature diffusion DDIM or SD)")
     p.add_argument("--train-steps", dest="train_steps", type=int, help="feature diffusion training steps")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, help="torch CPU threads for feature diffusion (1 is fastest on a busy machine)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", default=None, help="continue an interrupted bank (default)")
     g.add_argument("--no-resume", dest="resume", action="store_false", help="restart an interrupted bank")
@@ -81,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         cfg.stable_diffusion.steps = args.steps
     _set(cfg.train, "train_steps", args.train_steps)
     _set(cfg.stable_diffusion, "model", args.sd_model)
+    if args.threads is not None:
+        cfg.train.num_threads = args.threads
+        cfg.feature_diffusion.num_threads = args.threads
     if args.device:
         for sub in (cfg.train, cfg.feature_diffusion, cfg.stable_diffusion):
             sub.device = args.device
