@@ -16,13 +16,7 @@ from oaml.outliers.generators import (
 D = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny models are slower with a contended OpenMP pool."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mixture(n=2000, seed=0):

@@ -9,13 +9,7 @@ from oaml.outliers.bank import Bank, write_bank
 from oaml.outliers.generators import GENERATORS, Generator, batch_seed, generate_bank, rank_batches, select_rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny models are slower with a contended OpenMP pool."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class NoisyProjection(Generator):

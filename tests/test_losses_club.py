@@ -9,13 +9,7 @@ from oaml.errors import BankError, ConfigError, ShapeError
 from oaml.losses.club import CLUB, OutlierPairer, club_negative_term, pair_outliers, pool_outliers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny MLPs: threading overhead dominates on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_negative(mu, logvar, y):

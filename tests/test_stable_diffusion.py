@@ -11,13 +11,7 @@ from _tiny_sd import tiny_pipeline
 W = 32  # text width of the tiny CLIP (768 in SD 1.x)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny models are slower with a contended OpenMP pool."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
