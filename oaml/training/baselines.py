@@ -14,7 +14,9 @@ prediction on auxiliary outliers, :func:`oaml.losses.outlier.oe_loss`.
 
 ``energy-oe`` (Liu, Wang, Owens & Li, "Energy-based Out-of-distribution Detection", NeurIPS
 2020): ``ce`` + ``energy_oe`` (weight 0.1, m_in -25, m_out -7, T 1): squared-hinge energy margins
-on ID and auxiliary outliers, :func:`oaml.losses.outlier.energy_margin_loss`.
+on ID and auxiliary outliers, :func:`oaml.losses.outlier.energy_margin_loss`. The paper
+fine-tunes a trained classifier (10 epochs, lr 0.001; ``student.init_checkpoint``); from scratch
+the margin term (about 0.1 x 23^2 at initialisation) swamps CE.
 
 ``mixoe`` (Zhang, Inkawhich, Linderman, Chen & Li, "Mixture Outlier Exposure", WACV 2023): ``ce``
 + ``mixoe`` (weight 1.0, mix_op cutmix, lam ~ Beta(0.1, 1.0): OpenOOD's defaults). ID images are
@@ -546,7 +548,7 @@ _NPOS = "Tao, Du, Zhu & Li, Non-parametric Outlier Synthesis, ICLR 2023"
 _MCD = "Yu & Aizawa, Unsupervised Out-of-Distribution Detection by Maximum Classifier Discrepancy, ICCV 2019"
 
 register_method(Method("oe", {"ce": {}, "oe": {}}, "Outlier Exposure: CE + 0.5 x CE-to-uniform on auxiliary outliers (one forward pass)", _OE))
-register_method(Method("energy-oe", {"ce": {}, "energy_oe": {}}, "Energy fine-tuning: CE + 0.1 x energy margins (m_in -25, m_out -7) on ID and auxiliary outliers", _EN))
+register_method(Method("energy-oe", {"ce": {}, "energy_oe": {}}, "Energy fine-tuning: CE + 0.1 x energy margins (m_in -25, m_out -7) on ID and auxiliary outliers; fine-tunes a trained classifier (student.init_checkpoint, lr 0.001, 10 epochs in the paper)", _EN))
 register_method(Method("mixoe", {"ce": {}, "mixoe": {}}, "MixOE: CE + soft-target CE on cutmix/mixup mixtures of ID and outlier images (lam ~ Beta(0.1, 1))", _MIX))
 register_method(Method("logitnorm", {"logitnorm": {}}, "LogitNorm: CE on logits normalised to norm 1/tau (tau 0.04), replacing CE", _LN))
 register_method(Method("vos", {"ce": {}, "vos": {}}, "VOS: CE + 0.1 x uncertainty loss on class-conditional Gaussian virtual outliers in the penultimate space", _VOS))
