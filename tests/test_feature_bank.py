@@ -22,12 +22,7 @@ from oaml.outliers.features import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared 2-core machine two threads are many times slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _teacher(size=32, seed=0):
