@@ -126,11 +126,7 @@ def plot_scores(out_dir: Path, raw_scores: Dict[str, Dict[str, np.ndarray]], res
             ax.legend(fontsize=7)
         fig.suptitle(f"{score.upper()} score (higher = ID)", fontsize=10)
         fig.tight_layout()
-        p = out_dir / f"hist_{score}.png"
-        with atomic_path(p) as tmp:
-            fig.savefig(tmp, dpi=90, format="png")
-        plt.close(fig)
-        paths[f"hist_{score}"] = p
+        paths[f"hist_{score}"] = _save(fig, out_dir / f"hist_{score}.png")
 
         fig, ax = plt.subplots(figsize=(3.6, 3.4))
         for name in ood_names:
@@ -142,12 +138,17 @@ def plot_scores(out_dir: Path, raw_scores: Dict[str, Dict[str, np.ndarray]], res
         ax.set_title(f"ROC, {score.upper()}", fontsize=10)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        p = out_dir / f"roc_{score}.png"
-        with atomic_path(p) as tmp:
-            fig.savefig(tmp, dpi=90, format="png")
-        plt.close(fig)
-        paths[f"roc_{score}"] = p
+        paths[f"roc_{score}"] = _save(fig, out_dir / f"roc_{score}.png")
     return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path
 
 
 def _roc(id_s: np.ndarray, ood_s: np.ndarray):
