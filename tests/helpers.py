@@ -25,3 +25,20 @@ class TinyImages(Dataset):
 
     def __getitem__(self, i: int):
         return self._images[i], int(self._labels[i])
+
+
+class Killed(Exception):
+    """Stands for a process killed in the middle of training."""
+
+
+def crash_at_step(trainer, step: int, monkeypatch) -> None:
+    """Make ``trainer`` raise :class:`Killed` when it starts its ``step``-th optimisation step."""
+    orig, calls = trainer._step, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise Killed()
+        return orig(*a, **k)
+
+    monkeypatch.setattr(trainer, "_step", dying)

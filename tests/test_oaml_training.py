@@ -10,7 +10,7 @@ from oaml.training.config import TrainConfig
 from oaml.training.methods import MethodConfig, resolve_terms
 from oaml.training.trainer import Trainer
 
-from helpers import TinyImages
+from helpers import Killed, TinyImages, crash_at_step
 
 
 class FakeTeacher:
@@ -81,16 +81,8 @@ def test_oaml_resume_restores_estimators_exactly(tmp_path, monkeypatch):
     ref = _trainer(tmp_path, cfg, "a")
     ref.fit()
     run = _trainer(tmp_path, cfg, "b")
-    orig, n = run._step, {"k": 0}
-
-    def dying(*a, **k):
-        n["k"] += 1
-        if n["k"] == 6:
-            raise RuntimeError("killed")
-        return orig(*a, **k)
-
-    monkeypatch.setattr(run, "_step", dying)
-    with pytest.raises(RuntimeError):
+    crash_at_step(run, 6, monkeypatch)
+    with pytest.raises(Killed):
         run.fit()
     resumed = _trainer(tmp_path, cfg, "b")
     resumed.fit(resume=True)

@@ -9,7 +9,7 @@ from oaml.training.config import TrainConfig
 from oaml.training.terms import TERMS, Term
 from oaml.training.trainer import Trainer, augment_batch
 
-from helpers import TinyImages
+from helpers import Killed, TinyImages, crash_at_step
 
 
 def _cfg(**kw):
@@ -50,27 +50,14 @@ def test_fast_path_and_dataloader_path_agree(tmp_path):
         assert torch.equal(pa, pb)
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, monkeypatch):
     cfg = _cfg(checkpoint_every_steps=3, optim={"epochs": 3})
     ref = _trainer(tmp_path, cfg, "ref")
     ref.fit()
 
     crashed = _trainer(tmp_path, cfg, "run")
-    orig = crashed._step
-    calls = {"n": 0}
-
-    def dying_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:  # crash inside epoch 2, after the checkpoint at step 6
-            raise _Crash()
-        return orig(*a, **k)
-
-    monkeypatch.setattr(crashed, "_step", dying_step)
-    with pytest.raises(_Crash):
+    crash_at_step(crashed, 8, monkeypatch)  # inside epoch 2, after the checkpoint at step 6
+    with pytest.raises(Killed):
         crashed.fit()
     resumed = _trainer(tmp_path, cfg, "run")
     resumed.fit(resume=True)
