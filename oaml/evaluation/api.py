@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .evaluator import DEFAULT_SCORES, Evaluator, OODSet
-from .features import file_digest
+from ..utils.io import sha256_file
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def evaluate_checkpoint(
     ev = Evaluator(
         model, pre, bench.id_train(root), bench.id_val(root), bench.id_test(root), ood,
         scores=list(scores or DEFAULT_SCORES), score_kwargs=score_kwargs, device=dev, batch_size=batch_size,
-        cache_dir=cache_dir or Path(out_dir) / "feature_cache", model_id=file_digest(checkpoint),
+        cache_dir=cache_dir or Path(out_dir) / "feature_cache", model_id=sha256_file(checkpoint),
         benchmark=benchmark, fit_limit=fit_limit, progress=progress, ood_val=ood_val, search=search,
     )
     results = ev.run()

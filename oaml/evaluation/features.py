@@ -8,7 +8,6 @@ entry (other checkpoint, other preprocessing) is never reused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -28,9 +27,7 @@ log = logging.getLogger(__name__)
 def _batches(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     from ..training.trainer import BatchFetcher
 
-    fetch = BatchFetcher(dataset, num_workers)
-    n = len(fetch)
-    yield from fetch.batches([range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)])
+    yield from BatchFetcher(dataset, num_workers).in_order(batch_size)
 
 
 class PreprocessedLoader:
@@ -69,14 +66,6 @@ def extract_features(
     if bad:
         raise NonFiniteError(f"the model produced {bad} non-finite logits/features on {desc}; the checkpoint is broken")
     return fs
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class FeatureCache:

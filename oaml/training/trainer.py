@@ -77,6 +77,11 @@ class BatchFetcher:
         loader = DataLoader(self.dataset, batch_sampler=[list(b) for b in batches], num_workers=self.num_workers, collate_fn=_collate)
         yield from loader
 
+    def in_order(self, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """The whole dataset in index order, ``batch_size`` at a time (evaluation, extraction)."""
+        n = len(self)
+        return self.batches([range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)])
+
     def get(self, idx: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         return next(iter(self.batches([idx])))
 
@@ -397,9 +402,8 @@ class Trainer:
         fetcher = fetcher or self.val
         self.model.eval()
         n = len(fetcher)
-        bs = self.cfg.data.eval_batch_size
         correct = 0
-        for raw, labels in fetcher.batches([range(i, min(i + bs, n)) for i in range(0, n, bs)]):
+        for raw, labels in fetcher.in_order(self.cfg.data.eval_batch_size):
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 logits = self.model(self.preprocess(raw.to(self.device)))
             correct += int((logits.argmax(1).cpu() == labels).sum())
