@@ -227,8 +227,7 @@ class Pipeline:
         if run.pretrained:
             return self._import_pretrained(out, run.pretrained)
         banks: Dict[str, str] = {}
-        probe = _train_config(self.cfg, run, init, None, {})
-        req = method_requirements(probe)
+        req = method_requirements(run.method)
         if "cood" in req:
             banks["cood"] = str(self.cood())
         if "dood" in req:

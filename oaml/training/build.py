@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .config import TrainConfig
-from .methods import resolve_terms
+from .methods import MethodConfig, resolve_terms
 from .terms import TERMS
 from .trainer import Trainer
 
@@ -29,9 +29,10 @@ def _limit(dataset, limit: Optional[int], seed: int):
     return dataset.subset(np.sort(keep))
 
 
-def method_requirements(cfg: TrainConfig) -> set:
+def method_requirements(method: MethodConfig) -> set:
+    """What a method's terms need: ``teacher``, ``aux`` images, ``cood`` / ``dood`` banks."""
     req: set = set()
-    for name in resolve_terms(cfg.method):
+    for name in resolve_terms(method):
         req |= set(TERMS.get(name).requires)
     return req
 
@@ -45,7 +46,7 @@ def build_trainer(cfg: TrainConfig, out_dir: str | Path, teacher: Any = None) ->
     bench = get_benchmark(cfg.data.benchmark)
     train = _limit(bench.id_train(cfg.data.root), cfg.data.train_limit, cfg.seed)
     val = _limit(bench.id_val(cfg.data.root), cfg.data.val_limit, cfg.seed + 1)
-    req = method_requirements(cfg)
+    req = method_requirements(cfg.method)
     banks: Dict[str, Any] = {}
     for kind in ("cood", "dood"):
         path = getattr(cfg.outliers, f"{kind}_bank")
