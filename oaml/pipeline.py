@@ -75,6 +75,7 @@ class EvalStageConfig(StrictModel):
     fit_limit: Optional[int] = Field(20000, ge=1)
     batch_size: int = Field(512, ge=1)
     plots: bool = True
+    ood_val: bool = False  # also score the benchmark's OOD-val sets (results["ood_val"]); what defaults are chosen on
 
 
 class PipelineConfig(StrictModel):
@@ -130,11 +131,14 @@ def _train_config(cfg: PipelineConfig, run: StudentRunConfig, init: Optional[str
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, out_dir: str | Path):
+    def __init__(self, cfg: PipelineConfig, out_dir: str | Path, artefacts: Optional["Pipeline"] = None):
+        """``artefacts``: another pipeline whose teacher and banks this one uses (``oaml bench``
+        shares them across seeds); by default they live under ``out_dir``."""
         self.cfg = cfg
         self.out = Path(out_dir)
         self.times: Dict[str, float] = {}
         self._teacher = None
+        self.artefacts = artefacts or self
 
     # -- stages ------------------------------------------------------------------------------
     def _stage(self, name: str):
@@ -222,24 +226,30 @@ class Pipeline:
         from .training.build import build_trainer, method_requirements
 
         out = self.out / "students" / name
-        if (out / "summary.json").is_file():
-            return out / "best.pt"
         if run.pretrained:
+            if (out / "summary.json").is_file():
+                return out / "best.pt"
             return self._import_pretrained(out, run.pretrained)
         banks: Dict[str, str] = {}
         req = method_requirements(run.method)
+        src = self.artefacts
         if "cood" in req:
-            banks["cood"] = str(self.cood())
+            banks["cood"] = str(src.cood())
         if "dood" in req:
-            d = self.dood()
+            d = src.dood()
             if d is None:
                 raise ConfigError(f"method {run.method.name!r} uses D-OOD but generator.enabled is false; set method.terms.mi_dood.weight: 0")
             banks["dood"] = str(d)
-        teacher = self.teacher() if "teacher" in req else None
-        tcfg = _train_config(self.cfg, run, init, str(self.teacher_path) if teacher else None, banks)
+        teacher = src.teacher() if "teacher" in req else None
+        tcfg = _train_config(self.cfg, run, init, str(src.teacher_path) if teacher else None, banks)
+        prev = out / "config.yaml"
+        if prev.is_file() and prev.read_text() != tcfg.to_yaml():
+            raise ConfigError(f"{out} holds a run trained with another config ({prev}); pass --overwrite or choose another --out")
+        if (out / "summary.json").is_file():
+            return out / "best.pt"
         t0 = self._stage(f"train {name} ({run.method.name})")
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", tcfg.to_yaml())
+        atomic_write_text(prev, tcfg.to_yaml())
         trainer = build_trainer(tcfg, out, teacher=teacher)
         trainer.fit(resume=(out / "last.pt").is_file())
         self.times[f"train_{name}"] = time.time() - t0
@@ -268,13 +278,15 @@ class Pipeline:
         from .evaluation.api import evaluate_checkpoint
 
         out = self.out / "eval" / name
-        if (out / "results.json").is_file():
+        e = self.cfg.eval
+        settings = out / "eval_config.json"
+        if (out / "results.json").is_file() and settings.is_file() and json.loads(settings.read_text()) == e.model_dump(mode="json"):
             return json.loads((out / "results.json").read_text())
         t0 = self._stage(f"evaluate {name}")
-        e = self.cfg.eval
         res = evaluate_checkpoint(ckpt, self.cfg.benchmark, out, scores=e.scores, fit_limit=e.fit_limit,
                                   batch_size=e.batch_size, device=self.cfg.device, root=self.cfg.root, plots=e.plots,
-                                  progress=self.cfg.progress)
+                                  progress=self.cfg.progress, score_ood_val=e.ood_val)
+        write_json(settings, e.model_dump(mode="json"))
         self.times[f"eval_{name}"] = time.time() - t0
         return res
 

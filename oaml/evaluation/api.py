@@ -28,7 +28,14 @@ def evaluate_checkpoint(
     cache_dir: Optional[str | Path] = None,
     progress: bool = True,
     search: Optional[Dict[str, Dict[str, list]]] = None,
+    skip_bad: bool = False,
+    score_ood_val: bool = False,
 ) -> Dict[str, Any]:
+    """``skip_bad``: drop unreadable image files of folder / image-list datasets (each dataset logs
+    how many it dropped); otherwise the first unreadable file stops the run with its name.
+    ``score_ood_val``: also score the benchmark's OOD-val sets with the scores that need no model
+    (features come from the cache) as ``results["ood_val"]``: what methods and settings are
+    chosen on, never the test sets."""
     from ..data import get_benchmark
     from ..models.checkpoint import load_student
     from ..utils.device import resolve_device
@@ -50,15 +57,32 @@ def evaluate_checkpoint(
             f"benchmark {benchmark!r} lacks OOD sets {', '.join(missing)} under the data root; "
             f"run `oaml data prepare` for them (see `oaml data list`)"
         )
-    ood = [OODSet(r.name, r.group, bench.build_ood(r, root)) for r in bench.ood_test_sets]
-    ood_val = [OODSet(r.name, "far", bench.build_ood(r, root)) for r in bench.ood_val] if search else []
+    ood = [OODSet(r.name, r.group, bench.build_ood(r, root, skip_bad)) for r in bench.ood_test_sets]
+    ood_val = [OODSet(r.name, "far", bench.build_ood(r, root, skip_bad)) for r in bench.ood_val] if search else []
     ev = Evaluator(
-        model, pre, bench.id_train(root), bench.id_val(root), bench.id_test(root), ood,
+        model, pre, bench.id_train(root, skip_bad), bench.id_val(root, skip_bad), bench.id_test(root, skip_bad), ood,
         scores=list(scores or DEFAULT_SCORES), score_kwargs=score_kwargs, device=dev, batch_size=batch_size,
         cache_dir=cache_dir or Path(out_dir) / "feature_cache", model_id=sha256_file(checkpoint),
         benchmark=benchmark, fit_limit=fit_limit, progress=progress, ood_val=ood_val, search=search,
     )
     results = ev.run()
+    if score_ood_val:
+        from ..scores import SCORES
+
+        val_sets = [OODSet(r.name, "far", bench.build_ood(r, root, skip_bad)) for r in bench.ood_val]
+        feature_scores = [s for s in ev.score_names if not SCORES.get(s).requires_model]
+        if not val_sets:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"benchmark {benchmark!r} has no OOD-val sets; set eval.ood_val: false")
+        val = Evaluator(
+            model, pre, bench.id_train(root, skip_bad), bench.id_val(root, skip_bad), bench.id_test(root, skip_bad), val_sets,
+            scores=feature_scores, score_kwargs={k: v for k, v in (score_kwargs or {}).items() if k in feature_scores},
+            device=dev, batch_size=batch_size, cache_dir=cache_dir or Path(out_dir) / "feature_cache",
+            model_id=sha256_file(checkpoint), benchmark=benchmark, fit_limit=fit_limit, progress=progress,
+        ).run()
+        results["ood_val"] = {"scores": {k: {"all": v["all"], "datasets": v["datasets"]} for k, v in val["scores"].items()},
+                              "ood_sets": val["ood_sets"]}
     results["checkpoint"] = str(checkpoint)
     results["checkpoint_meta"] = {k: v for k, v in meta.items() if k != "config"}
     write_report(out_dir, results, ev.raw_scores, plots=plots)

@@ -161,3 +161,125 @@ def _roc(id_s: np.ndarray, ood_s: np.ndarray):
     tp = np.cumsum(y)[distinct]
     fp = np.cumsum(1 - y)[distinct]
     return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+
+
+# ------------------------------------------------------------------------------------------------
+# oaml bench: methods x seeds, mean +- std
+# ------------------------------------------------------------------------------------------------
+
+
+def _ms(agg: Optional[Dict[str, float]], digits: int = 2) -> str:
+    if agg is None:
+        return "-"
+    if agg["n"] > 1:
+        return f"{agg['mean']:.{digits}f} ± {agg['std']:.{digits}f}"
+    return f"{agg['mean']:.{digits}f}"
+
+
+def bench_markdown(agg: Dict[str, Any], main_scores: Sequence[str], notes: Sequence[str] = (), plots: Optional[Dict[str, Path]] = None) -> str:
+    """The paper's layout for a grid: per score, FPR@95 / AUROC per OOD set and near / far / all
+    means, ID accuracy and seconds per epoch, each as mean ± std over seeds."""
+    methods = agg["methods"]
+    cfg = agg.get("config", {})
+    bench = cfg.get("pipeline", {}).get("benchmark", "?")
+    lines = [f"# `oaml bench` on `{bench}`", ""]
+    lines += [f"- Command: `{agg.get('command', 'oaml bench')}`", f"- Machine: {agg.get('machine', '?')}", f"- Date: {agg.get('date', '?')}",
+              f"- Seeds: {cfg.get('seeds')}; every cell is mean ± std (sample std, ddof 1) over the seeds that finished (n per method below)."]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "FPR@95 is OOD-positive (OpenOOD v1.5 / the paper), in %; lower is better. AUROC in %, higher is better.", ""]
+    if not methods:
+        return "\n".join(lines + ["No (method, seed) run has finished yet."]) + "\n"
+    lines += ["## Summary: all OOD sets", "",
+              "| method | n | init | epochs | ID acc ↑ | " + " | ".join(f"{s.upper()} FPR@95 ↓ | {s.upper()} AUROC ↑" for s in main_scores) + " | s/epoch |",
+              "|---|---|---|---|---|" + "---|---|" * len(main_scores) + "---|"]
+    for name, m in methods.items():
+        cells = [name, str(m["id_accuracy"]["n"]), m["init"], str(m["epochs"]), _ms(m["id_accuracy"])]
+        for s in main_scores:
+            a = m["scores"].get(s, {}).get("all")
+            cells += [_ms(a["fpr95"]) if a else "-", _ms(a["auroc"]) if a else "-"]
+        cells.append(_ms(m["seconds_per_epoch"], 1))
+        lines.append("| " + " | ".join(cells) + " |")
+    if any("ood_val" in m for m in methods.values()):
+        lines += ["", "## OOD-val (what defaults are chosen on; never the test sets)", "",
+                  "| method | " + " | ".join(f"{s.upper()} FPR@95 ↓ | {s.upper()} AUROC ↑" for s in main_scores) + " |",
+                  "|---|" + "---|---|" * len(main_scores)]
+        for name, m in methods.items():
+            if "ood_val" not in m:
+                continue
+            cells = [name]
+            for s in main_scores:
+                v = m["ood_val"].get(s)
+                cells += [_ms(v["fpr95"]) if v else "-", _ms(v["auroc"]) if v else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        for s in main_scores:
+            ranked = sorted(((m["ood_val"][s]["auroc"]["mean"], n) for n, m in methods.items() if "ood_val" in m and s in m["ood_val"]), reverse=True)
+            if ranked:
+                lines.append(f"\nBest on OOD-val by {s.upper()} AUROC: **{ranked[0][1]}** ({ranked[0][0]:.2f}).")
+    for group in ("near", "far"):
+        lines += ["", f"## {group.capitalize()} OOD (mean of the {group} sets)", "",
+                  "| method | " + " | ".join(f"{s.upper()} FPR@95 ↓ | {s.upper()} AUROC ↑" for s in main_scores) + " |",
+                  "|---|" + "---|---|" * len(main_scores)]
+        for name, m in methods.items():
+            cells = [name]
+            for s in main_scores:
+                g = m["scores"].get(s, {}).get(group)
+                cells += [_ms(g["fpr95"]) if g else "-", _ms(g["auroc"]) if g else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+    for s in main_scores:
+        first = next((m["scores"][s] for m in methods.values() if s in m["scores"]), None)
+        if first is None:
+            continue
+        sets = list(first["datasets"])
+        lines += ["", f"## {s.upper()} per OOD set (FPR@95 / AUROC)", "",
+                  "| method | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+        for name, m in methods.items():
+            d = m["scores"].get(s, {}).get("datasets", {})
+            lines.append("| " + " | ".join([name] + [f"{_ms(d[x]['fpr95'])} / {_ms(d[x]['auroc'])}" if x in d else "-" for x in sets]) + " |")
+    other = [s for s in next(iter(methods.values()))["scores"] if s not in main_scores]
+    if other:
+        lines += ["", "## Other scores (all OOD sets, AUROC)", "", "| method | " + " | ".join(s.upper() for s in other) + " |", "|---|" + "---|" * len(other)]
+        for name, m in methods.items():
+            lines.append("| " + " | ".join([name] + [_ms(m["scores"][s]["all"]["auroc"]) if s in m["scores"] else "-" for s in other]) + " |")
+    lines += ["", "## Methods", ""]
+    for name, m in methods.items():
+        terms = m["method"].get("terms") or {}
+        extra = f", term overrides {terms}" if terms else ""
+        lines.append(f"- `{name}`: method `{m['method']['name']}`{extra}; init {m['init']}; seeds {m['seeds']}")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{k}]({p})" for k, p in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def bench_plots(out_dir: Path, agg: Dict[str, Any], main_scores: Sequence[str]) -> Dict[str, Path]:
+    """One bar chart per metric (AUROC, FPR@95): methods x main scores, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = agg["methods"]
+    if not methods:
+        return {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(methods)
+    paths: Dict[str, Path] = {}
+    for metric, label in (("auroc", "AUROC (%) ↑"), ("fpr95", "FPR@95 (%) ↓")):
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) * len(main_scores) / 2), 3.6))
+        width = 0.8 / max(len(main_scores), 1)
+        x = np.arange(len(names))
+        for i, s in enumerate(main_scores):
+            vals = [methods[n]["scores"].get(s, {}).get("all", {}).get(metric) for n in names]
+            mean = [v["mean"] if v else np.nan for v in vals]
+            std = [v["std"] if v else 0.0 for v in vals]
+            ax.bar(x + (i - (len(main_scores) - 1) / 2) * width, mean, width, yerr=std, capsize=2, label=s.upper())
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        if metric == "auroc":
+            lo = np.nanmin([methods[n]["scores"][s]["all"]["auroc"]["mean"] for n in names for s in main_scores if s in methods[n]["scores"]])
+            ax.set_ylim(max(0.0, lo - 5), 100)
+        ax.legend(fontsize=8)
+        ax.set_title("all OOD sets, mean ± std over seeds", fontsize=9)
+        fig.tight_layout()
+        paths[metric] = _save(fig, out_dir / f"{metric}.png")
+    return paths
