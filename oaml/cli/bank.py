@@ -36,6 +36,8 @@ def _teacher_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
+                   help="drop unreadable (corrupt, truncated) image files of folder datasets and report how many")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,8 +69,10 @@ def _load(args: argparse.Namespace):
     from ..models.teachers import TeacherConfig, load_teacher
     from ..utils.device import resolve_device
 
+    from ..utils.io import check_writable
     from .teacher import set_threads
 
+    check_writable(args.out)  # before loading anything; the space needed is checked once it is known
     set_threads(args)
     device = resolve_device(args.device)
     if args.teacher_checkpoint and args.teacher:
@@ -79,7 +83,7 @@ def _load(args: argparse.Namespace):
         teacher = load_teacher(TeacherConfig(name=args.teacher, weights=args.teacher_weights), device=device)
     else:
         raise ConfigError("give --teacher-checkpoint (a fine-tuned teacher from `oaml teacher finetune`) or --teacher NAME")
-    dataset = build_dataset(args.dataset, args.split, root=args.data_root)
+    dataset = build_dataset(args.dataset, args.split, root=args.data_root, skip_bad=args.skip_bad)
     return teacher, dataset
 
 

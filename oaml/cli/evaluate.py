@@ -30,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--root", default=None, help="data root (default $OAML_DATA or ~/.cache/oaml/data)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
+                   help="drop unreadable (corrupt, truncated) image files of folder datasets and report how many")
     p.set_defaults(func=run)
 
 
@@ -74,7 +76,7 @@ def run(args) -> int:
     results = evaluate_checkpoint(
         args.checkpoint, args.benchmark, out, scores=scores, extra_ood=extra, score_kwargs=parse_score_args(args.score_arg),
         fit_limit=args.fit_limit, batch_size=args.batch_size, device=args.device, root=args.root, plots=not args.no_plots,
-        search=search or None,
+        search=search or None, skip_bad=args.skip_bad,
     )
     print((Path(out) / "results.md").read_text())
     return 0

@@ -49,6 +49,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OamlError as exc:
         print(f"oaml {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk or a folder that became unwritable during the run
+        if args.verbose:
+            raise
+        import errno
+
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            again = " with --resume" if args.command == "train" else ""
+            hint = f"; free some space, then rerun{again} (finished shards and checkpoints are kept)"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = "; fix the permissions or choose another folder"
+        else:
+            hint = ""
+        print(f"oaml {args.command}: error: {exc.strerror or exc}:{where}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"oaml {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

@@ -26,9 +26,11 @@ def run(args) -> int:
 
     from ..errors import ConfigError
     from ..pipeline import Pipeline, PipelineConfig
+    from ..utils.io import check_writable
 
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     out = Path(args.out)
+    check_writable(out)  # before any stage (each stage checks the space it needs before its work)
     if out.exists() and args.overwrite:
         shutil.rmtree(out)
     prev = out / "config.yaml"

@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue an interrupted run in --out (default: on)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing bank in --out and rebuild it")
+    p.add_argument("--shard-size", dest="shard_size", type=int, default=None,
+                   help="vectors per bank shard (default: whole classes, about 32k vectors); an interrupted run "
+                        "keeps its whole shards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -83,8 +86,10 @@ def run(args: argparse.Namespace) -> int:
     from ..outliers.knn import sample_outliers
 
     cfg = build_config(args)
+    if args.shard_size is not None and args.shard_size < 1:
+        raise ConfigError(f"--shard-size must be positive, got {args.shard_size}")
     bank = sample_outliers(args.bank, args.out, cfg, progress=not args.no_progress, resume=args.resume,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, shard_size=args.shard_size)
     counts = bank.manifest.get("class_counts", {})
     print(f"C-OOD bank {bank.path}: {len(bank)} vectors of dim {bank.dim}, {len(counts)} classes "
           f"({cfg.per_class} per class){' [reference-bugs mode]' if cfg.reference_bugs else ''}")

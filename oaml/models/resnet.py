@@ -131,7 +131,12 @@ def load_weights(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     from ..errors import ShapeError
 
     state = torch.load(path, map_location="cpu", weights_only=True)
+    made = ""
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        arch = state.get("arch")
+        if isinstance(arch, dict):  # an oaml student checkpoint says what it is
+            made = (f"; the file holds a {arch.get('name')} (width {arch.get('width')}, {arch.get('in_channels')} input "
+                    f"channels, {arch.get('num_classes')} classes)")
         state = state["model"]
     own = model.state_dict()
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -139,9 +144,12 @@ def load_weights(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
         k = bad[0]
         raise ShapeError(
             f"weights in {path} do not fit this model: {k} has shape {tuple(state[k].shape)} in the file "
-            f"but {tuple(own[k].shape)} in the model (architecture, width, input channels or class count differ)"
+            f"but {tuple(own[k].shape)} in the model (architecture, width, input channels or class count differ){made}"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
-        raise ShapeError(f"weights in {path} do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ShapeError(
+            f"weights in {path} do not fit this model (another architecture?): missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}{made}"
+        )
     return model

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import BankError, ConfigError
 from ..models.teachers import Teacher, dataset_labels, iter_batches
-from ..utils.io import atomic_path, read_json
+from ..utils.io import atomic_path, check_writable, read_json
 from .bank import MANIFEST, Bank, BankWriter
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,9 @@ def extract_feature_bank(
             log.info("bank %s is already complete with these settings; opening it", out_path)
             return Bank.open(out_path)
 
+    # vectors + labels (+ logits), before any work
+    row_bytes = 4 * dim + 8 + ((4 * teacher.num_classes + 8) if with_logits else 0)
+    check_writable(out_path, need_bytes=int(indices.size) * row_bytes + 8 * int(indices.size))
     fw = BankWriter(out_path, kind, dim, meta, shard_size=shard_size, resume=resume, overwrite=overwrite)
     lw = None
     if with_logits:

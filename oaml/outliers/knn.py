@@ -60,6 +60,7 @@ from .. import __version__
 from ..config import StrictModel, format_validation_error
 from ..errors import BankError, ConfigError, DataError, ShapeError
 from ..utils.device import resolve_device
+from ..utils.io import check_writable
 from .bank import Bank, BankWriter
 
 log = logging.getLogger(__name__)
@@ -579,6 +580,7 @@ def sample_outliers(id_bank: Bank | str | Path, out_path: str | Path, cfg: KNNSa
                  len(clamped), len(classes), min(used))
     if shard_size is None:
         shard_size = per * max(1, SHARD_TARGET_ROWS // per)
+    out_path = Path(out_path)
     src_meta = src.meta
     meta = {
         "sampler": "knn-boundary",
@@ -594,7 +596,6 @@ def sample_outliers(id_bank: Bank | str | Path, out_path: str | Path, cfg: KNNSa
         "teacher": src_meta.get("teacher"),
         "dataset": src_meta.get("dataset"),
     }
-    out_path = Path(out_path)
     if resume and not overwrite and (out_path / "manifest.json").is_file():
         try:
             done = Bank.open(out_path)
@@ -604,6 +605,7 @@ def sample_outliers(id_bank: Bank | str | Path, out_path: str | Path, cfg: KNNSa
                 done.meta == json.loads(json.dumps(meta, default=str)):
             log.info("C-OOD bank %s is already complete with these settings; nothing to do", out_path)
             return done
+    check_writable(out_path, need_bytes=len(classes) * per * (4 * src.dim + 8))  # before any sampling
     writer = BankWriter(out_path, "cood", src.dim, meta, shard_size=shard_size, resume=resume, overwrite=overwrite)
     done_classes, skip = divmod(writer.written, per)
     if writer.written:

@@ -44,8 +44,9 @@ def build_trainer(cfg: TrainConfig, out_dir: str | Path, teacher: Any = None) ->
     from ..outliers.bank import Bank
 
     bench = get_benchmark(cfg.data.benchmark)
-    train = _limit(bench.id_train(cfg.data.root), cfg.data.train_limit, cfg.seed)
-    val = _limit(bench.id_val(cfg.data.root), cfg.data.val_limit, cfg.seed + 1)
+    skip = cfg.data.skip_bad
+    train = _limit(bench.id_train(cfg.data.root, skip_bad=skip), cfg.data.train_limit, cfg.seed)
+    val = _limit(bench.id_val(cfg.data.root, skip_bad=skip), cfg.data.val_limit, cfg.seed + 1)
     req = method_requirements(cfg.method)
     banks: Dict[str, Any] = {}
     for kind in ("cood", "dood"):
@@ -54,7 +55,7 @@ def build_trainer(cfg: TrainConfig, out_dir: str | Path, teacher: Any = None) ->
             if not path:
                 raise ConfigError(f"method {cfg.method.name!r} needs a {kind.upper()} bank: set outliers.{kind}_bank")
             banks[kind] = Bank.open(path)
-    aux = bench.oe_dataset(cfg.data.root) if "aux" in req else None
+    aux = bench.oe_dataset(cfg.data.root, skip_bad=skip) if "aux" in req else None
     teacher_fn, teacher_dim = None, None
     if "teacher" in req:
         if teacher is None:
@@ -63,9 +64,9 @@ def build_trainer(cfg: TrainConfig, out_dir: str | Path, teacher: Any = None) ->
             from ..models.teachers import load_teacher_checkpoint
 
             teacher = load_teacher_checkpoint(cfg.teacher.checkpoint, device=cfg.device)
-        teacher_fn, teacher_dim = make_teacher_fn(teacher, train, cfg)
-        for bank in banks.values():
+        for bank in banks.values():  # before computing any teacher output
             check_bank_teacher(bank, teacher)
+        teacher_fn, teacher_dim = make_teacher_fn(teacher, train, cfg)
     return Trainer(
         cfg, train, val, out_dir, num_classes=bench.num_classes, in_channels=bench.channels,
         teacher=teacher_fn, teacher_feature_dim=teacher_dim, aux_set=aux, banks=banks,
@@ -73,8 +74,21 @@ def build_trainer(cfg: TrainConfig, out_dir: str | Path, teacher: Any = None) ->
 
 
 def check_bank_teacher(bank: Any, teacher: Any) -> None:
-    """A bank made from another teacher's features is refused (its vectors live in another space)."""
-    ident = teacher.identity()
+    """A bank made from another teacher's features is refused (its vectors live in another space).
+
+    A C-OOD bank lives in the teacher's feature space, so its width must be the teacher's feature
+    width (D-OOD banks may have another width: Stable Diffusion latents)."""
+    width = getattr(teacher, "feature_dim", None)
+    if bank.kind == "cood" and width is not None and bank.dim != width:
+        from ..errors import ShapeError
+
+        raise ShapeError(
+            f"C-OOD bank {bank.path} holds {bank.dim}-d vectors but the teacher's features are {width}-d; the bank "
+            "was made from another teacher: rebuild it with this teacher (oaml bank features, then oaml sample)"
+        )
+    import json
+
+    ident = json.loads(json.dumps(teacher.identity(), default=str))  # as it reads back from a manifest
     made_by = bank.meta.get("teacher") or bank.meta.get("source", {}).get("meta", {}).get("teacher")
     if made_by is not None and made_by != ident:
         from ..errors import BankError

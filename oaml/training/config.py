@@ -28,6 +28,7 @@ class DataConfig(StrictModel):
     aux_batch_size: Optional[int] = Field(None, ge=1)  # default: the ID batch size
     eval_batch_size: int = Field(512, ge=1)
     num_workers: int = Field(0, ge=0)
+    skip_bad: bool = False  # drop unreadable image files (folder / image-list datasets) and report how many
     augment: AugmentConfig = AugmentConfig()
 
 

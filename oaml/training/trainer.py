@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..errors import ConfigError, NonFiniteError
+from ..errors import ConfigError, NonFiniteError, ShapeError
 from ..models.checkpoint import save_student
 from ..models.preprocess import Preprocess
 from ..models.resnet import create_model, load_weights
@@ -178,6 +178,8 @@ class Trainer:
             load_weights(self.model, cfg.student.init_checkpoint)
             log.info("student initialised from %s", cfg.student.init_checkpoint)
         self.model.to(self.device)
+        # last.pt (weights, momentum, the copy written while it is replaced) and best.pt
+        check_writable(self.out_dir, need_bytes=20 * sum(p.numel() for p in self.model.parameters()))
         self.preprocess = Preprocess.from_config(cfg.preprocess).to(self.device)
         if cfg.preprocess.channels != in_channels:
             raise ConfigError(
@@ -245,6 +247,10 @@ class Trainer:
         self.best_acc = -1.0
         self.history: List[Dict[str, Any]] = []
         self._gen_state: Optional[torch.Tensor] = None
+        # running sums of the step logs and seconds of the epoch in progress (checkpointed, so a
+        # resumed epoch logs the same means as an uninterrupted one)
+        self._epoch_sums: Dict[str, float] = {}
+        self._epoch_seconds = 0.0
         self._tb = None
 
     # ---------------------------------------------------------------------------------------
@@ -278,6 +284,8 @@ class Trainer:
             "best_acc": self.best_acc,
             "history": self.history,
             "generator": self._gen_state,
+            "epoch_sums": dict(self._epoch_sums),
+            "epoch_seconds": self._epoch_seconds,
             "rng": rng_state(),
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -288,8 +296,17 @@ class Trainer:
                 f"the checkpoint in {self.out_dir} was made by method {state.get('config', {}).get('method')}, "
                 f"not {self.cfg.method.model_dump()}; use another output folder or --overwrite"
             )
-        self.model.load_state_dict(state["model"])
-        self.term_modules.load_state_dict(state["terms"])
+        for what, module, key in (("student", self.model, "model"), ("loss-term modules", self.term_modules, "terms")):
+            try:
+                module.load_state_dict(state[key])
+            except RuntimeError as exc:  # size mismatch / missing keys: another architecture, teacher or bank
+                first = str(exc).strip().splitlines()
+                raise ShapeError(
+                    f"the checkpoint {self.out_dir / 'last.pt'} does not fit this run's {what} "
+                    f"({first[1].strip() if len(first) > 1 else first[0]}): the student architecture, class count, "
+                    "teacher feature width or outlier banks changed since the run started; use another output folder "
+                    "or --overwrite"
+                ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         for k, s in state["term_optimizers"].items():
             self.terms[k].own_optimizer.load_state_dict(s)  # type: ignore[union-attr]
@@ -301,6 +318,8 @@ class Trainer:
         self.best_acc = state["best_acc"]
         self.history = state["history"]
         self._gen_state = state["generator"]
+        self._epoch_sums = dict(state.get("epoch_sums", {}))
+        self._epoch_seconds = float(state.get("epoch_seconds", 0.0))
         set_rng_state(state["rng"])
 
     def save(self, name: str = "last.pt") -> None:
@@ -425,8 +444,10 @@ class Trainer:
             g = torch.Generator().manual_seed(_seed_for(cfg.seed, self.epoch) + self.rank)
             if self.step_in_epoch and self._gen_state is not None:
                 g.set_state(self._gen_state)
-            sums: Dict[str, float] = {}
-            t0 = time.time()
+            if not self.step_in_epoch:
+                self._epoch_sums, self._epoch_seconds = {}, 0.0
+            sums = self._epoch_sums
+            t0 = time.time() - self._epoch_seconds
             bar = tqdm(
                 total=self.steps_per_epoch,
                 initial=self.step_in_epoch,
@@ -446,9 +467,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{logs['total']:.3f}", refresh=False)
                 if cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0 and self.step_in_epoch < self.steps_per_epoch:
                     self._gen_state = g.get_state()
+                    self._epoch_seconds = time.time() - t0
                     self.save()
             bar.close()
-            done_steps = len(todo)
+            done_steps = self.step_in_epoch
             val_acc = self.evaluate()
             row = {
                 "epoch": self.epoch + 1,
@@ -462,6 +484,7 @@ class Trainer:
             self.epoch += 1
             self.step_in_epoch = 0
             self._gen_state = None
+            self._epoch_sums, self._epoch_seconds = {}, 0.0
             if val_acc >= self.best_acc:  # ties go to the later epoch, as the authors' selection
                 self.best_acc = val_acc
                 self._save_best(val_acc)

@@ -64,22 +64,53 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+#: Every output folder needs at least this much free space (a full disk is refused even when the
+#: caller gives no estimate).
+MIN_FREE_BYTES = 1 << 20
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Bytes an unprivileged writer can still use in the file system holding ``folder``."""
+    st = os.statvfs(folder)
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} bytes"
+
+
 def check_writable(folder: str | Path, need_bytes: int = 0) -> Path:
-    """Fail early, before long work, if ``folder`` cannot be written or lacks ``need_bytes`` free."""
+    """Fail early, before long work, if ``folder`` cannot be written or lacks ``need_bytes`` free.
+
+    Compares the free space of the file system that will hold ``folder`` with ``need_bytes`` (an
+    estimate of what the job will write; at least :data:`MIN_FREE_BYTES`) before creating
+    anything, then creates ``folder`` and writes and deletes a probe file in it. Raises
+    :class:`~oaml.errors.OamlError` naming the folder and the problem.
+    """
     from ..errors import OamlError
 
     folder = Path(folder)
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir():
+        raise OamlError(
+            f"output folder {folder} cannot be created: {existing} is a file, not a folder; choose another --out"
+        )
+    need_bytes = max(int(need_bytes), MIN_FREE_BYTES)
+    free = free_bytes(existing)  # before creating anything
+    if free < need_bytes:
+        raise OamlError(
+            f"output folder {folder} has {_fmt_bytes(free)} free but this job writes about "
+            f"{_fmt_bytes(need_bytes)}; free some space or choose another --out"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".oaml-write-test"):
             pass
     except OSError as exc:
-        raise OamlError(f"output folder {folder} is not writable ({exc.strerror}); choose another --out") from None
-    if need_bytes:
-        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
-        if free < need_bytes:
-            raise OamlError(
-                f"output folder {folder} has {free / 1e9:.2f} GB free but about {need_bytes / 1e9:.2f} GB "
-                "are needed; free some space or choose another --out"
-            )
+        raise OamlError(
+            f"output folder {folder} is not writable ({exc.strerror or exc}); fix its permissions or choose another --out"
+        ) from None
     return folder

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ...errors import BankError, ConfigError, ShapeError
 from ...registry import Registry
-from ...utils.io import read_json
+from ...utils.io import check_writable, read_json
 from ..bank import MANIFEST, Bank, BankWriter
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,8 @@ def generate_bank(
         log.info("D-OOD bank %s is already complete with these settings", out_path)
         return Bank.open(out_path)
 
+    # before any generation: room for the bank (and, with several ranks, its parts)
+    check_writable(out_path, need_bytes=len(indices) * (4 * dim + 8) * (1 if world_size == 1 else 2))
     if world_size == 1:
         writer = BankWriter(out_path, DOOD_KIND, dim, meta, shard_size=shard_size, resume=resume, overwrite=overwrite)
         _run_batches(generator, cood, indices, range(n_batches), writer, batch_size, seed, progress, f"D-OOD ({generator.name})")

@@ -24,6 +24,7 @@ from pydantic import Field
 
 from ...config import StrictModel
 from ...errors import BankError, ConfigError
+from ...utils.io import check_writable
 from ..bank import Bank
 from .base import generate_bank
 from .feature_diffusion import (
@@ -112,6 +113,13 @@ def _feature_diffusion_model(cfg: GenerateConfig, cood: Bank, progress: bool) ->
 def run_generate(cfg: GenerateConfig, progress: bool = True) -> Bank:
     """Build the configured generator (training the feature model if needed) and write the D-OOD bank."""
     cood = Bank.open(cfg.cood)
+    # before training a model or loading Stable Diffusion: the bank's folder (and the model file's)
+    # must be writable with room for at least one output vector per C-OOD row
+    rows = cfg.num_samples or len(cood)
+    check_writable(cfg.out, need_bytes=rows * (4 * cood.dim + 8))
+    model_path = Path(cfg.model) if cfg.model else default_model_path(cfg.out)
+    if cfg.generator == "feature_diffusion" and (cfg.overwrite or not model_path.is_file()):
+        check_writable(model_path.parent)  # a model will be trained and saved there
     if cfg.generator == "feature_diffusion":
         gen = FeatureDiffusionGenerator(_feature_diffusion_model(cfg, cood, progress), cfg.feature_diffusion)
     else:
