@@ -152,7 +152,8 @@ class Bench:
                 if spec.init == "vanilla" and vanilla_ckpt is None:
                     raise ConfigError("internal: vanilla must run first")  # pragma: no cover
                 default = cfg.pipeline.oaml.optim if spec.init == "vanilla" else cfg.pipeline.vanilla.optim
-                run = StudentRunConfig(optim=spec.optim or default, method=spec.method)
+                # vanilla keeps pipeline.vanilla whole (its `pretrained` weights, e.g. ImageNet's ResNet-50)
+                run = cfg.pipeline.vanilla if name == "vanilla" else StudentRunConfig(optim=spec.optim or default, method=spec.method)
                 log.info("=== bench: %s, seed %d", name, seed)
                 ckpt = p.train(name, run, init=str(vanilla_ckpt) if spec.init == "vanilla" else None)
                 if name == "vanilla":
