@@ -12,13 +12,15 @@ C-OOD bank (k-NN boundary outliers) and the D-OOD bank (diffusion outliers). Lay
 Writing is shard by shard: each shard is written under a temporary name and renamed, then the
 manifest is rewritten atomically. A killed job therefore leaves only whole shards, and the
 manifest says ``"complete": false`` until :meth:`BankWriter.close`; reopening the writer with
-``resume=True`` continues after the last whole shard. Reading memory-maps the shards, so peak
-memory is bounded by what is gathered, not by the bank size.
+``resume=True`` continues after the last whole shard. Reading takes only the rows asked for from
+the shard files (``pread`` per run of consecutive rows; :meth:`Bank.iter_shards` memory-maps), so
+peak memory is bounded by what is gathered, not by the bank size.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,8 +281,46 @@ class Bank:
             sel = shard_of == s
             local = idx[sel] - offsets[s]
             order = np.argsort(local, kind="stable")
-            rows = np.asarray(self._shard(int(s))[local[order]])
-            out[np.flatnonzero(sel)[order]] = rows
+            out[np.flatnonzero(sel)[order]] = self._read_rows(int(s), local[order])
+        return out
+
+    def _layout(self, i: int) -> tuple[int, int] | None:
+        """(byte offset of the data, rows) of shard ``i`` if it is a plain C-order float32 .npy."""
+        cache = self.__dict__.setdefault("_layouts", {})
+        if i not in cache:
+            fmt = np.lib.format
+            with open(self.path / self.manifest["shards"][i]["file"], "rb") as fh:
+                version = fmt.read_magic(fh)
+                read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, fortran, dtype = read(fh)
+                plain = (not fortran and len(shape) == 2 and shape[1] == self.dim
+                         and np.dtype(dtype) == np.dtype("<f4"))
+                cache[i] = (fh.tell(), int(shape[0])) if plain else None
+        return cache[i]
+
+    def _read_rows(self, i: int, local: np.ndarray) -> np.ndarray:
+        """Rows ``local`` (sorted) of shard ``i``: read with ``pread`` run by run of consecutive
+        rows, so memory holds only the rows asked for (a memory map would also map the pages the
+        kernel reads around each row); the memory map is the fallback."""
+        layout = self._layout(i)
+        if layout is None or not hasattr(os, "preadv"):
+            return np.asarray(self._shard(i)[local])
+        start, n_rows = layout
+        if local.size and (local[0] < 0 or local[-1] >= n_rows):
+            raise BankError(f"shard {i} of bank {self.path} has {n_rows} rows, fewer than its manifest says; rebuild it")
+        row = 4 * self.dim
+        out = np.empty((local.size, self.dim), np.float32)
+        flat = memoryview(out).cast("B")
+        breaks = np.flatnonzero(np.diff(local) != 1) + 1
+        with open(self.path / self.manifest["shards"][i]["file"], "rb", buffering=0) as fh:
+            fd = fh.fileno()
+            for a, b in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [local.size]]).tolist()):
+                pos, end, off = a * row, b * row, start + int(local[a]) * row
+                while pos < end:
+                    got = os.preadv(fd, [flat[pos:end]], off)
+                    if got <= 0:
+                        raise BankError(f"shard {i} of bank {self.path} is truncated; rebuild the bank")
+                    pos, off = pos + got, off + got
         return out
 
     def class_indices(self, c: int) -> np.ndarray:
