@@ -79,3 +79,30 @@ def test_generate_from_yaml_and_errors(banks, tmp_path, capsys):
     assert main(["generate", "--cood", str(banks / "cood"), "--out", str(banks / "ds"), "--generator",
                  "stable_diffusion", "--sd-model", str(tmp_path / "none"), "--device", "cpu"]) == 1
     assert "local folder" in capsys.readouterr().err
+
+
+def test_under_torchrun_rank_0_trains_the_model_and_the_others_wait_for_it(banks, monkeypatch):
+    """Ranks other than 0 do not train (and race on) the feature diffusion model: they load rank 0's."""
+    import threading
+
+    from oaml.outliers.generators import run as run_mod
+
+    monkeypatch.setattr(run_mod, "POLL_SECONDS", 0.01)
+    cfg = run_mod.GenerateConfig.from_dict({
+        "cood": str(banks / "cood"), "out": str(banks / "dp"), "id_bank": str(banks / "id"),
+        "train": {"train_steps": 30, "width": 16, "depth": 1, "device": "cpu"},
+    })
+    trained = []
+    real = run_mod.train_feature_diffusion
+    monkeypatch.setattr(run_mod, "train_feature_diffusion", lambda *a, **k: trained.append(1) or real(*a, **k))
+    cood = Bank.open(banks / "cood")
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(r1=run_mod._feature_diffusion_model(cfg, cood, False, 1, 2)))
+    waiter.start()
+    got["r0"] = run_mod._feature_diffusion_model(cfg, cood, False, 0, 2)
+    waiter.join(timeout=60)
+    assert trained == [1] and not waiter.is_alive()
+    for k, v in got["r0"].state_dict().items():
+        assert torch.equal(v, got["r1"].state_dict()[k])
+    with pytest.raises(Exception, match="--overwrite under torchrun"):
+        run_mod._feature_diffusion_model(cfg.model_copy(update={"overwrite": True}), cood, False, 0, 2)

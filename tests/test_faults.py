@@ -208,3 +208,28 @@ def test_generation_killed_mid_run_resumes_to_the_same_bank(tmp_path):
     ref = tmp_path / "ref"
     assert main(["generate", "--config", str(config(ref)), "--no-progress"]) == 0
     _same_bank(out, ref)
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_with_the_same_number_of_processes(tmp_path, monkeypatch):
+    """Each process draws its own augmentation stream; a mid-epoch checkpoint keeps one state per
+    process (gathered under torchrun), so it resumes exactly only with as many processes."""
+    from oaml.errors import ConfigError
+    from oaml.training.config import TrainConfig
+    from oaml.training.trainer import Trainer
+
+    from helpers import Killed, TinyImages, crash_at_step
+
+    cfg = TrainConfig.from_dict(_fault_jobs.TRAIN_CONFIG)
+
+    def trainer():
+        return Trainer(cfg, TinyImages(128), TinyImages(32, seed=1), tmp_path / "run", num_classes=4, in_channels=1)
+
+    tr = trainer()
+    crash_at_step(tr, 5, monkeypatch)  # after the checkpoint at step 4
+    with pytest.raises(Killed):
+        tr.fit()
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["world_size"] == 1
+    two = trainer()
+    two.world = 2  # as if started by torchrun with two processes
+    with pytest.raises(ConfigError, match="by 1 process\\(es\\); resume it with the same number of processes"):
+        two.fit(resume=True)

@@ -283,7 +283,8 @@ class Trainer:
             "global_step": self.global_step,
             "best_acc": self.best_acc,
             "history": self.history,
-            "generator": self._gen_state,
+            "generator": self._gen_state,  # one state per process (a list) under torchrun
+            "world_size": self.world,
             "epoch_sums": dict(self._epoch_sums),
             "epoch_seconds": self._epoch_seconds,
             "rng": rng_state(),
@@ -312,6 +313,12 @@ class Trainer:
             self.terms[k].own_optimizer.load_state_dict(s)  # type: ignore[union-attr]
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if state["step_in_epoch"] and state.get("world_size", 1) != self.world:
+            raise ConfigError(
+                f"the checkpoint {self.out_dir / 'last.pt'} was written in the middle of an epoch by "
+                f"{state.get('world_size', 1)} process(es); resume it with the same number of processes (this run "
+                f"has {self.world}), or from an end-of-epoch checkpoint"
+            )
         self.epoch = state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
         self.global_step = state["global_step"]
@@ -443,7 +450,7 @@ class Trainer:
             batches = [order[i * bs : (i + 1) * bs] for i in range(self.steps_per_epoch)]
             g = torch.Generator().manual_seed(_seed_for(cfg.seed, self.epoch) + self.rank)
             if self.step_in_epoch and self._gen_state is not None:
-                g.set_state(self._gen_state)
+                g.set_state(self._gen_state[self.rank] if isinstance(self._gen_state, list) else self._gen_state)
             if not self.step_in_epoch:
                 self._epoch_sums, self._epoch_seconds = {}, 0.0
             sums = self._epoch_sums
@@ -466,7 +473,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['total']:.3f}", refresh=False)
                 if cfg.checkpoint_every_steps and self.global_step % cfg.checkpoint_every_steps == 0 and self.step_in_epoch < self.steps_per_epoch:
-                    self._gen_state = g.get_state()
+                    self._gen_state = self._generator_states(g)
                     self._epoch_seconds = time.time() - t0
                     self.save()
             bar.close()
@@ -505,6 +512,14 @@ class Trainer:
         if self.rank == 0:
             write_json(self.out_dir / "summary.json", summary)
         return summary
+
+    def _generator_states(self, g: torch.Generator) -> Any:
+        """This process's generator state, or every process's (a list by rank) under torchrun."""
+        if not self.distributed:
+            return g.get_state()
+        states: List[Any] = [None] * self.world
+        dist.all_gather_object(states, g.get_state())
+        return states
 
     def _save_best(self, val_acc: float) -> None:
         if self.rank != 0:

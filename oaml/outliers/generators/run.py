@@ -17,6 +17,7 @@ Example YAML (``oaml generate --config gen.yaml``)::
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,7 @@ from ...config import StrictModel
 from ...errors import BankError, ConfigError
 from ...utils.io import check_writable
 from ..bank import Bank
-from .base import generate_bank
+from .base import _dist_env, generate_bank
 from .feature_diffusion import (
     FeatureDiffusionConfig,
     FeatureDiffusionGenerator,
@@ -61,19 +62,36 @@ def default_model_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".fdiff.safetensors")
 
 
+#: How often ranks other than 0 look for the model that rank 0 trains (seconds).
+POLL_SECONDS = 5.0
+
 # training settings that do not change the trained model
 _RUNTIME_KEYS = {"device", "num_threads", "log_every"}
 
 
-def _feature_diffusion_model(cfg: GenerateConfig, cood: Bank, progress: bool) -> FeatureDiffusionModel:
+def _feature_diffusion_model(cfg: GenerateConfig, cood: Bank, progress: bool, rank: int | None = None,
+                             world_size: int | None = None) -> FeatureDiffusionModel:
     """Load or train the model.
 
     An explicit ``model`` file that exists is used as is (``train`` settings are not applied).
     The default file ``<out>.fdiff.safetensors`` is reused only if it was trained on the same
     ID bank with the same ``train`` settings; otherwise the run stops and asks for
     ``--overwrite`` (retrain) rather than silently using a different model.
+
+    Under torchrun (``WORLD_SIZE`` > 1) only rank 0 trains the model; the other ranks wait for its
+    file and load it.
     """
     path = Path(cfg.model) if cfg.model else default_model_path(cfg.out)
+    rank, world = _dist_env(rank, world_size)
+    if world > 1 and cfg.overwrite and path.is_file():
+        raise ConfigError(
+            f"--overwrite under torchrun cannot retrain the feature diffusion model {path} (the other ranks would "
+            "read the old file): delete it, or retrain in one process first"
+        )
+    if rank != 0 and not path.is_file():
+        log.info("rank %d waits for rank 0 to train the feature diffusion model %s", rank, path)
+        while not path.is_file():  # written atomically by rank 0
+            time.sleep(POLL_SECONDS)
     if path.is_file() and not cfg.overwrite:
         model = FeatureDiffusionModel.load(path)
         trained_on = model.meta.get("id_bank")
