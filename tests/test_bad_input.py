@@ -51,6 +51,8 @@ def fail(argv: list[str], capsys) -> str:
     assert main(argv) == 1, argv
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith(f"oaml {argv[0]}: error:"), err
+    with capsys.disabled():  # shown with pytest -s: the messages users see
+        print(f"\n$ oaml {' '.join(argv)}\n{err.strip()}")
     return err
 
 
@@ -325,7 +327,8 @@ def test_banks_of_another_teacher_or_width_are_refused(tmp_path, tiny, teachers,
 
     before = snapshot(tmp_path / "cood", tmp_path / "wide")
     err = fail(argv(t1_path, good, "other-teacher"), capsys)
-    assert f"bank {good} was made from teacher" in err and "rebuild the bank with this teacher" in err
+    assert f"bank {good} was made from teacher 'timm:test_efficientnet' (weights sha256" in err
+    assert "(they differ in checkpoint_sha256)" in err and "rebuild the bank with this teacher" in err
     err = fail(argv(t0_path, wide, "other-width"), capsys)
     assert f"C-OOD bank {wide} holds {t0.feature_dim + 3}-d vectors but the teacher's features are {t0.feature_dim}-d" in err
     assert calls["n"] == 0  # refused before any teacher output was computed
@@ -504,5 +507,5 @@ def test_output_folders_holding_results_of_another_config_are_refused(tmp_path, 
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text("{}")
     err = fail(["eval", "--checkpoint", str(run / "best.pt"), "--benchmark", "tiny", "--out", str(tmp_path / "eval")], capsys)
-    assert "already holds results (results.json)" in err
+    assert "already holds results (results.json); pass --overwrite to replace them" in err
     assert (tmp_path / "eval" / "results.json").read_text() == "{}"

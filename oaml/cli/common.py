@@ -52,7 +52,8 @@ def load_config(cls: Type[M], path: str | None, overrides: List[str]) -> M:
     return cls.from_dict(apply_overrides(data, overrides), source=str(path or "config"))
 
 
-def prepare_out(out: str | Path, resume: bool, overwrite: bool, marker: str, need_bytes: int = 0) -> Path:
+def prepare_out(out: str | Path, resume: bool, overwrite: bool, marker: str, need_bytes: int = 0,
+                resumable: bool = True) -> Path:
     """Refuse to write over earlier results unless --resume or --overwrite says what to do; fail
     at once if ``out`` cannot be written or lacks ``need_bytes`` of free space."""
     from ..utils.io import check_writable
@@ -60,7 +61,9 @@ def prepare_out(out: str | Path, resume: bool, overwrite: bool, marker: str, nee
     out = Path(out)
     if (out / marker).exists() and not resume:
         if not overwrite:
-            raise ConfigError(f"{out} already holds results ({marker}); pass --resume to continue or --overwrite to replace them")
+            how = "pass --resume to continue or --overwrite to replace them" if resumable else \
+                "pass --overwrite to replace them or choose another --out"
+            raise ConfigError(f"{out} already holds results ({marker}); {how}")
         check_writable(out, need_bytes)  # before deleting anything
         shutil.rmtree(out)
     return check_writable(out, need_bytes)

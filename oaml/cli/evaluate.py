@@ -72,7 +72,7 @@ def run(args) -> int:
         key, raw = item.split("=", 1)
         score, param = key.split(".", 1)
         search.setdefault(score.lower(), {})[param] = [yaml.safe_load(v) for v in raw.split(",")]
-    out = prepare_out(args.out, False, args.overwrite, "results.json")
+    out = prepare_out(args.out, False, args.overwrite, "results.json", resumable=False)
     results = evaluate_checkpoint(
         args.checkpoint, args.benchmark, out, scores=scores, extra_ood=extra, score_kwargs=parse_score_args(args.score_arg),
         fit_limit=args.fit_limit, batch_size=args.batch_size, device=args.device, root=args.root, plots=not args.no_plots,

@@ -94,9 +94,24 @@ def check_bank_teacher(bank: Any, teacher: Any) -> None:
         from ..errors import BankError
 
         raise BankError(
-            f"bank {bank.path} was made from teacher {made_by}, but this run's teacher is {ident}; "
-            "rebuild the bank with this teacher (oaml bank features / oaml sample)"
+            f"bank {bank.path} was made from teacher {_teacher_summary(made_by)}, but this run's teacher is "
+            f"{_teacher_summary(ident)}{_teacher_diff(made_by, ident)}; rebuild the bank with this teacher "
+            "(oaml bank features / oaml sample)"
         )
+
+
+def _teacher_summary(ident: Any) -> str:
+    if not isinstance(ident, dict):
+        return repr(ident)
+    sha = ident.get("checkpoint_sha256") or ident.get("weights_sha256")
+    return f"{ident.get('name')!r}" + (f" (weights sha256 {str(sha)[:12]})" if sha else "")
+
+
+def _teacher_diff(a: Any, b: Any) -> str:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return ""
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return f" (they differ in {', '.join(keys)})" if keys else ""
 
 
 def make_teacher_fn(teacher: Any, train_set: Any, cfg: TrainConfig):
