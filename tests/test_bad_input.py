@@ -108,7 +108,7 @@ def _student_ckpt(path: Path, name="resnet18", classes=4, width=0.125) -> Path:
 
 
 # ------------------------------------------------------------------ unwritable output, full disk
-COMMANDS = ["train", "bank", "sample", "generate", "run", "eval"]
+COMMANDS = ["train", "bank", "sample", "generate", "run", "eval", "teacher"]
 # what each command must not have started when it refuses its output folder
 LONG_WORK = {
     "train": ("oaml.training.build", "build_trainer"),
@@ -117,6 +117,7 @@ LONG_WORK = {
     "generate": ("oaml.outliers.generators.run", "train_feature_diffusion"),
     "run": ("oaml.pipeline.Pipeline", "run"),
     "eval": ("oaml.evaluation.api", "evaluate_checkpoint"),
+    "teacher": ("oaml.models.teachers", "load_teacher"),
 }
 
 
@@ -134,6 +135,9 @@ def _argv(cmd: str, out: Path, tmp_path: Path, teachers) -> list[str]:
         return ["generate", "--cood", str(idb), "--out", str(out), "--id-bank", str(idb), "--no-progress"]
     if cmd == "run":
         return ["run", "--out", str(out)]
+    if cmd == "teacher":
+        return ["teacher", "finetune", "--teacher", "timm:test_efficientnet", "--dataset", "sklearn-digits",
+                "--train-split", "test", "--val-split", "val", "--out", str(out), "--device", "cpu"]
     return ["eval", "--checkpoint", str(_student_ckpt(tmp_path / "s.pt")), "--benchmark", "tiny", "--out", str(out)]
 
 

@@ -119,7 +119,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ..models.finetune import FinetuneConfig, evaluate_teacher, finetune_teacher
     from ..models.teachers import TeacherConfig, load_teacher
     from ..utils.device import resolve_device
-    from ..utils.io import write_json
+    from ..utils.io import check_writable, write_json
 
     set_threads(args)
     overrides = []
@@ -133,6 +133,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     ckpt = out / "teacher.pt"
     if ckpt.exists() and not args.overwrite:
         raise ConfigError(f"{ckpt} exists; pass --overwrite to replace it or choose another --out")
+    check_writable(out)  # before loading data and fine-tuning
     tcfg = TeacherConfig(name=args.teacher, weights=args.teacher_weights)
     if args.image_size:
         tcfg = tcfg.model_copy(update={"preprocess": tcfg.preprocess.model_copy(update={"size": args.image_size})})
