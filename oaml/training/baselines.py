@@ -73,17 +73,12 @@ over classes (OpenOOD's ``entropy`` takes the softmax over the BATCH dimension, 
 auxiliary images go through the forward pass from epoch 0 (the loop feeds them whenever a term
 requires them), so before ``start_epoch`` BatchNorm sees ID + outliers while only CE is trained.
 
+``udg`` (Yang, Wang, Feng, Yan, Zheng, Zhang & Liu, "Semantically Coherent Out-of-Distribution
+Detection", ICCV 2021): in :mod:`oaml.training.udg` (per-epoch k-means of ID + outlier-pool
+features through the terms' ``on_epoch_start`` hook, a clustering head, ID filtering and OE).
+
 Not provided: no faithful version is possible here, and an imitation is not shipped under their names
 ----------------------------------------------------------------------------------------------------
-- UDG (Yang, Wang, Zou, Zhou, Ding, Peng, Wang, Chen, Li, Sun, Du, Zhou, Zhang & Liu,
-  "Semantically Coherent Out-of-Distribution Detection", ICCV 2021). Before every epoch UDG
-  extracts features of the WHOLE ID training set and the WHOLE unlabeled pool, clusters them
-  (PCA-whitened k-means, 1000 clusters in OpenOOD), and assigns per-sample cluster ids, cluster
-  re-weights, pseudo-labels and OOD confidences by dataset index, then re-initialises an
-  auxiliary head. Terms of this loop see one step at a time: there is no epoch-start hook with
-  access to the datasets, and the step does not carry the auxiliary samples' dataset indices.
-  Clustering each batch instead would not be UDG. What it would take: an epoch-start term hook
-  that may run the student over the ID and auxiliary sets, plus auxiliary indices in StepState.
 - DreamOOD (Du, Sun, Zhu & Li, "Dream the Impossible: Outlier Imagination with Diffusion
   Models", NeurIPS 2023) learns a text-conditioned embedding space, samples outliers there, and
   decodes them into IMAGES with Stable Diffusion that the classifier is trained on (energy

@@ -32,3 +32,5 @@ class StepState:
     teacher_features: Optional[torch.Tensor] = None
     model: Any = None
     extras: Dict[str, Any] = field(default_factory=dict)
+    indices: Optional[torch.Tensor] = None  # dataset indices of the ID batch
+    aux_indices: Optional[torch.Tensor] = None  # indices of the auxiliary images in the outlier pool

@@ -6,6 +6,8 @@ A term is an ``nn.Module`` built from its own strict config; the trainer sums
 - own parameters trained with the student (``student_parameters()``: e.g. the transfer MLP);
 - own a separate optimiser (``own_optimizer``: e.g. a CLUB estimator fitted by likelihood);
 - do work before the student's loss (``pre_step``: e.g. that estimator's likelihood step);
+- do work at the start of every epoch (``on_epoch_start``: e.g. UDG's clustering of the
+  features of the whole ID training set and outlier pool);
 - require inputs (``requires``): ``teacher`` outputs, auxiliary outlier images (``aux``), or an
   outlier bank (``cood`` / ``dood``).
 
@@ -15,7 +17,8 @@ the terms they use with their default settings.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Iterable, Optional, Tuple, Type
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, Iterable, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,8 @@ class BuildContext:
         teacher_feature_dim: Optional[int] = None,
         banks: Optional[Dict[str, Any]] = None,
         aux_available: bool = False,
+        num_train: Optional[int] = None,
+        num_aux: Optional[int] = None,
     ):
         self.num_classes = num_classes
         self.feature_dim = feature_dim
@@ -50,6 +55,26 @@ class BuildContext:
         self.teacher_feature_dim = teacher_feature_dim
         self.banks = banks or {}
         self.aux_available = aux_available
+        self.num_train = num_train  # size of the ID training set (per-sample state, e.g. UDG)
+        self.num_aux = num_aux  # size of the auxiliary outlier pool
+
+
+@dataclass
+class EpochContext:
+    """What :meth:`Term.on_epoch_start` may use.
+
+    ``extract(which)`` (``"train"`` or ``"aux"``) runs the student in eval mode, without
+    gradients and without augmentation, over the whole ID training set or outlier pool in dataset
+    order and returns ``(logits, features, labels)`` (float32 on the training device; labels on
+    the CPU). ``generator`` is seeded from (seed, epoch) and is the SAME on every process, so
+    epoch-level random choices agree across processes and are reproduced on resume.
+    """
+
+    epoch: int
+    generator: torch.Generator
+    model: nn.Module
+    device: torch.device
+    extract: Callable[[str], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class Term(nn.Module):
@@ -85,6 +110,13 @@ class Term(nn.Module):
         return None
 
     def pre_step(self, state: StepState) -> Dict[str, float]:
+        return {}
+
+    def on_epoch_start(self, ctx: EpochContext) -> Dict[str, float]:
+        """Called once at the start of every epoch, before its first step (not again when a run
+        resumes in the middle of the epoch: whatever it computes must live in the term's
+        buffers, which checkpoints carry). Returns values logged in the epoch's row. Default:
+        nothing."""
         return {}
 
     def forward(self, state: StepState) -> torch.Tensor:  # pragma: no cover - abstract

@@ -4,7 +4,8 @@ Per step: sample the ID batch (and auxiliary outlier images when the method uses
 augment the raw uint8 images, preprocess them for the student, run ID and auxiliary images
 through the student in ONE forward pass, get teacher outputs (live or cached), let terms do
 their pre-step work (e.g. fit a CLUB estimator), sum ``weight * term`` and take an SGD step with
-a per-iteration schedule.
+a per-iteration schedule. Before an epoch's first step, terms with an ``on_epoch_start`` hook
+run it (e.g. UDG clusters the features of the whole ID training set and outlier pool).
 
 Determinism and resume: the epoch's sample order comes from ``DistributedSampler`` with
 ``set_epoch`` (one process or many), and every random draw inside an epoch uses one
@@ -40,7 +41,7 @@ from ..utils.io import atomic_path, check_writable, write_json
 from .config import TrainConfig
 from .methods import resolve_terms
 from .state import StepState
-from .terms import TERMS, BuildContext, Term, build_term
+from .terms import TERMS, BuildContext, EpochContext, Term, build_term
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ class Trainer:
             teacher_feature_dim=teacher_feature_dim,
             banks=banks or {},
             aux_available=aux_set is not None,
+            num_train=len(self.train),
+            num_aux=len(self.aux) if self.aux is not None else None,
         )
         self.term_cfgs = resolve_terms(cfg.method)
         self.terms: Dict[str, Term] = {}
@@ -251,6 +254,7 @@ class Trainer:
         # resumed epoch logs the same means as an uninterrupted one)
         self._epoch_sums: Dict[str, float] = {}
         self._epoch_seconds = 0.0
+        self._epoch_hook_logs: Dict[str, float] = {}  # what the terms' on_epoch_start returned
         self._tb = None
 
     # ---------------------------------------------------------------------------------------
@@ -287,6 +291,7 @@ class Trainer:
             "world_size": self.world,
             "epoch_sums": dict(self._epoch_sums),
             "epoch_seconds": self._epoch_seconds,
+            "epoch_hook_logs": dict(self._epoch_hook_logs),
             "rng": rng_state(),
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -327,6 +332,7 @@ class Trainer:
         self._gen_state = state["generator"]
         self._epoch_sums = dict(state.get("epoch_sums", {}))
         self._epoch_seconds = float(state.get("epoch_seconds", 0.0))
+        self._epoch_hook_logs = dict(state.get("epoch_hook_logs", {}))
         set_rng_state(state["rng"])
 
     def save(self, name: str = "last.pt") -> None:
@@ -359,11 +365,11 @@ class Trainer:
         x = self.preprocess(raw_aug.to(self.device, non_blocking=True))
         labels = labels.to(self.device)
         n_id = x.shape[0]
-        aux_x = None
+        aux_x = aux_idx = None
         if self.aux is not None and any("aux" in t.requires for t in self.terms.values()):
             nb = cfg.data.aux_batch_size or n_id
-            aux_idx = torch.randint(0, len(self.aux), (nb,), generator=g).tolist()
-            aux_raw, _ = self.aux.get(aux_idx)
+            aux_idx = torch.randint(0, len(self.aux), (nb,), generator=g)
+            aux_raw, _ = self.aux.get(aux_idx.tolist())
             if aug.flip or aug.crop_padding:
                 aux_raw = augment_batch(aux_raw, aug.flip, aug.crop_padding, g)
             aux_x = self.preprocess(aux_raw.to(self.device))
@@ -392,6 +398,8 @@ class Trainer:
             aux_logits=logits_all[n_id : n_id + n_aux] if fwd_aux else None,
             aux_features=feats_all[n_id : n_id + n_aux] if fwd_aux else None,
             model=self.model,
+            indices=idx,
+            aux_indices=aux_idx,
         )
         off = n_id + n_aux
         for name, (imgs, info) in extra_in.items():
@@ -435,6 +443,41 @@ class Trainer:
             correct += int((logits.argmax(1).cpu() == labels).sum())
         return correct / max(n, 1)
 
+    @torch.no_grad()
+    def extract(self, which: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, features, labels) of the whole ID training set (``"train"``) or outlier pool
+        (``"aux"``) in dataset order: eval mode, un-augmented images, float32 on the device."""
+        fetcher = {"train": self.train, "aux": self.aux}.get(which)
+        if fetcher is None:
+            raise ConfigError(f"extract: no {which!r} set in this run (use 'train' or 'aux')")
+        self.model.eval()
+        logits, feats, labels = [], [], []
+        for raw, lab in fetcher.in_order(self.cfg.data.eval_batch_size):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                lo, fe = self.model.forward_features(self.preprocess(raw.to(self.device)))
+            logits.append(lo.float())
+            feats.append(fe.float())
+            labels.append(torch.as_tensor(lab).long())
+        return torch.cat(logits), torch.cat(feats), torch.cat(labels)
+
+    def _epoch_start(self) -> Dict[str, float]:
+        """Run the terms' ``on_epoch_start`` hooks (only terms that define one) with one generator
+        seeded from (seed, epoch), the same on every process."""
+        logs: Dict[str, float] = {}
+        hooked = [t for t in self.terms.values() if type(t).on_epoch_start is not Term.on_epoch_start]
+        if not hooked:
+            return logs
+        ctx = EpochContext(
+            epoch=self.epoch,
+            generator=torch.Generator().manual_seed((_seed_for(self.cfg.seed, self.epoch) + 104_729) % (2**63 - 1)),
+            model=self.model,
+            device=self.device,
+            extract=self.extract,
+        )
+        for term in hooked:
+            logs.update(term.on_epoch_start(ctx))
+        return logs
+
     def fit(self, resume: bool = False) -> Dict[str, Any]:
         cfg = self.cfg
         if resume:
@@ -455,6 +498,8 @@ class Trainer:
                 self._epoch_sums, self._epoch_seconds = {}, 0.0
             sums = self._epoch_sums
             t0 = time.time() - self._epoch_seconds
+            if not self.step_in_epoch:  # a run resumed mid-epoch keeps the hooks' checkpointed state
+                self._epoch_hook_logs = self._epoch_start()
             bar = tqdm(
                 total=self.steps_per_epoch,
                 initial=self.step_in_epoch,
@@ -483,6 +528,7 @@ class Trainer:
                 "epoch": self.epoch + 1,
                 "lr": self.optimizer.param_groups[0]["lr"],
                 **{k: v / max(done_steps, 1) for k, v in sums.items()},
+                **self._epoch_hook_logs,
                 "val_acc": val_acc,
                 "seconds": time.time() - t0,
                 "steps": done_steps,
@@ -492,6 +538,7 @@ class Trainer:
             self.step_in_epoch = 0
             self._gen_state = None
             self._epoch_sums, self._epoch_seconds = {}, 0.0
+            self._epoch_hook_logs = {}
             if val_acc >= self.best_acc:  # ties go to the later epoch, as the authors' selection
                 self.best_acc = val_acc
                 self._save_best(val_acc)
