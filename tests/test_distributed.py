@@ -79,3 +79,33 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
         assert not torch.equal(expected, start[k]) or p.grad.abs().max() == 0
         torch.testing.assert_close(rank0[k], expected, rtol=1e-4, atol=1e-5, msg=k)
         torch.testing.assert_close(rank1[k], rank0[k], rtol=0, atol=0, msg=k)
+
+
+def _term_worker(rank, world, port, out_dir):
+    """MCD's second head and NPOS's projection head live in loss terms, outside the DDP-wrapped
+    student: their gradients must be averaged too, or the processes' copies drift apart."""
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    cfg = _cfg().model_copy(update={"method": _cfg().method.model_copy(update={"name": "mcd", "terms": {"mcd": {"start_epoch": 0}}}),
+                                    "optim": _cfg().optim.model_copy(update={"epochs": 2})})
+    tr = Trainer(cfg, TinyImages(4 * B), TinyImages(16, seed=1), f"{out_dir}/t{rank}", num_classes=4, in_channels=1,
+                 aux_set=TinyImages(4 * B, seed=2 + rank))
+    start = {k: v.detach().clone() for k, v in tr.term_modules.named_parameters()}
+    tr.fit()
+    torch.save({"terms": dict(tr.term_modules.named_parameters()), "start": start, "model": dict(tr.model.named_parameters())},
+               f"{out_dir}/t{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_term_modules_stay_identical_across_processes(tmp_path):
+    mp.spawn(_term_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "t0.pt"), torch.load(tmp_path / "t1.pt")
+    assert r0["terms"], "mcd should own a second head"
+    for k in r0["terms"]:
+        assert not torch.equal(r0["terms"][k], r0["start"][k]), f"{k} did not train"
+        torch.testing.assert_close(r1["start"][k], r0["start"][k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(r1["terms"][k], r0["terms"][k], rtol=0, atol=0, msg=k)
+    for k in r0["model"]:
+        torch.testing.assert_close(r1["model"][k], r0["model"][k], rtol=0, atol=0, msg=k)

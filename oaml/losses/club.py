@@ -63,6 +63,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import BankError, ConfigError, ShapeError
+from ..utils.distributed import average_gradients
 
 Mode = Literal["fitted", "reference"]
 Pairing = Literal["class", "random"]
@@ -263,6 +264,7 @@ class CLUB(nn.Module):
                 opt.zero_grad(set_to_none=True)
                 ll = self.log_likelihood(x, y)
                 (-ll).backward()
+                average_gradients(self.estimator_parameters())  # under torchrun: one q for all processes
                 opt.step()
                 ll_value = float(ll.detach())
         opt.zero_grad(set_to_none=True)  # leave no likelihood gradient behind on q's parameters

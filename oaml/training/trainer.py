@@ -37,6 +37,7 @@ from ..models.checkpoint import save_student
 from ..models.preprocess import Preprocess
 from ..models.resnet import create_model, load_weights
 from ..utils.device import amp_enabled, resolve_device, rng_state, set_rng_state
+from ..utils.distributed import average_gradients, broadcast_module
 from ..utils.io import atomic_path, check_writable, write_json
 from .config import TrainConfig
 from .methods import resolve_terms
@@ -206,6 +207,8 @@ class Trainer:
                 raise ConfigError(f"loss term {name!r} of method {cfg.method.name!r} needs {missing}")
             self.terms[name] = build_term(name, tcfg, ctx).to(self.device)
         self.term_modules = nn.ModuleDict(self.terms)
+        if self.distributed:
+            broadcast_module(self.term_modules.to(self.device))
         if self.teacher_needed and self.teacher is None:
             raise ConfigError(f"method {cfg.method.name!r} uses a teacher but none was given (teacher.checkpoint)")
         if self.teacher_needed and getattr(teacher, "cached", False) and (cfg.data.augment.flip or cfg.data.augment.crop_padding):
@@ -345,7 +348,8 @@ class Trainer:
         path = self.out_dir / "last.pt"
         if not path.exists():
             return False
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        # on the CPU first: RNG states must stay CPU ByteTensors; load_state_dict moves the rest
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step_in_epoch)
         return True
 
@@ -426,6 +430,8 @@ class Trainer:
         logs["train_acc"] = float((state.logits.argmax(1) == labels).float().mean())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        if self.distributed:  # DDP averaged the student's gradients; the terms' own modules are averaged here
+            average_gradients(self.term_modules.parameters())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
