@@ -3,7 +3,10 @@
 Every seed trains its own vanilla student from scratch (``pipeline.vanilla``); the other methods
 start from that seed's vanilla checkpoint (``init: vanilla``, OAML's protocol, and the
 equal-compute ``vanilla-cont``) or from scratch (``init: scratch``). The teacher, ID feature
-bank, C-OOD and D-OOD banks are built once, with the first seed, and shared by all runs.
+bank, C-OOD and D-OOD banks are built once, with ``pipeline.seed``, and shared by all runs.
+
+Seeds can run in parallel processes on one ``--out`` (``--set 'seeds=[2]'`` in one, the others
+in another); ``--report-only`` with every seed then aggregates what all of them finished.
 
 Layout of ``--out``::
 
@@ -122,7 +125,7 @@ class Bench:
     def _shared_settings(self) -> str:
         p = self.cfg.pipeline
         keys = ("benchmark", "teacher", "bank", "sampler", "generator")
-        return yaml.safe_dump({"seed": self.cfg.seeds[0], **{k: getattr(p, k).model_dump(mode="json") if hasattr(getattr(p, k), "model_dump") else getattr(p, k) for k in keys}}, sort_keys=False)
+        return yaml.safe_dump({"seed": p.seed, **{k: getattr(p, k).model_dump(mode="json") if hasattr(getattr(p, k), "model_dump") else getattr(p, k) for k in keys}}, sort_keys=False)
 
     def _runs(self) -> Dict[str, BenchRun]:
         return {"vanilla": BenchRun(method=MethodConfig(name="vanilla"), init="scratch", optim=self.cfg.pipeline.vanilla.optim,
@@ -142,7 +145,7 @@ class Bench:
                 "pass --overwrite or choose another --out"
             )
         atomic_write_text(settings, self._shared_settings())
-        shared = Pipeline(cfg.pipeline.model_copy(update={"seed": cfg.seeds[0]}), shared_dir)
+        shared = Pipeline(cfg.pipeline, shared_dir)
         t0 = time.time()
         runs = self._runs()
         for seed in cfg.seeds:
