@@ -40,3 +40,18 @@ def test_bad_hyperparameters():
         create_model("resnet81", num_classes=10)
     with pytest.raises(ConfigError, match="in_channels"):
         create_model("resnet18", num_classes=10, in_channels=2)
+
+
+def test_resolve_device_gives_cuda_an_index(monkeypatch):
+    """torch.cuda.set_device needs an index: "cuda" means this process's GPU (LOCAL_RANK)."""
+    import torch
+
+    from oaml.utils.device import resolve_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device(torch.device("cuda")) == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -11,14 +11,14 @@ import torch
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when present (respecting LOCAL_RANK under torchrun), else CPU."""
-    if isinstance(device, torch.device):
-        return device
+    """``auto`` picks CUDA when present, else CPU. A CUDA device without an index (``auto``,
+    ``"cuda"``) is this process's GPU: ``LOCAL_RANK`` under torchrun, else 0."""
     if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev
 
 
 def seed_everything(seed: int) -> None:
