@@ -148,6 +148,7 @@ class Bench:
         shared = Pipeline(cfg.pipeline, shared_dir)
         t0 = time.time()
         runs = self._runs()
+        self._build_shared(shared, runs)
         for seed in cfg.seeds:
             p = Pipeline(cfg.pipeline.model_copy(update={"seed": seed}), self.out / "runs" / f"seed{seed}", artefacts=shared)
             vanilla_ckpt: Optional[Path] = None
@@ -166,6 +167,29 @@ class Bench:
         self.times.update({f"shared/{k}": v for k, v in shared.times.items()})
         self.times["total_this_invocation"] = time.time() - t0
         return self.report(command)
+
+    @staticmethod
+    def _build_shared(shared: Pipeline, runs: Dict[str, BenchRun]) -> None:
+        """Teacher and banks first, under a lock: processes running other seeds on the same
+        ``--out`` wait for them instead of building them twice into one folder."""
+        import fcntl
+
+        from .training.build import method_requirements
+
+        need = set().union(*(method_requirements(spec.method) for spec in runs.values()))
+        if not need & {"teacher", "cood", "dood"}:
+            return
+        with open(shared.out / ".lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                if "teacher" in need:
+                    shared.teacher()
+                if "cood" in need:
+                    shared.cood()
+                if "dood" in need:
+                    shared.dood()
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     # -- aggregation and report ------------------------------------------------------------------
     def collect(self) -> Dict[str, Dict[int, Dict[str, Any]]]:
