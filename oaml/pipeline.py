@@ -226,6 +226,7 @@ class Pipeline:
 
     def train(self, name: str, run: StudentRunConfig, init: Optional[str] = None) -> Path:
         from .training.build import build_trainer, method_requirements
+        from .training.config import check_same_config
 
         out = self.out / "students" / name
         if run.pretrained:
@@ -244,9 +245,8 @@ class Pipeline:
             banks["dood"] = str(d)
         teacher = src.teacher() if "teacher" in req else None
         tcfg = _train_config(self.cfg, run, init, str(src.teacher_path) if teacher else None, banks)
+        check_same_config(out, tcfg)
         prev = out / "config.yaml"
-        if prev.is_file() and prev.read_text() != tcfg.to_yaml():
-            raise ConfigError(f"{out} holds a run trained with another config ({prev}); pass --overwrite or choose another --out")
         if (out / "summary.json").is_file():
             return out / "best.pt"
         t0 = self._stage(f"train {name} ({run.method.name})")

@@ -42,3 +42,23 @@ def test_a_typo_in_a_pipeline_config_names_the_key(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="sigmaa"):
         PipelineConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_run_folder_config_check_tolerates_new_defaults_but_not_changes(tmp_path):
+    """A run folder written by an older version (a setting added since) still continues; a changed
+    value or a new term override is refused."""
+    import yaml
+
+    from oaml.errors import ConfigError
+    from oaml.training.config import TrainConfig, check_same_config
+
+    cfg = TrainConfig.from_dict({"method": {"name": "logitnorm"}})
+    old = cfg.model_dump(mode="json")
+    del old["teacher"]["device_cache_mb"]  # as written before the setting existed
+    old["progress"] = not cfg.progress  # runtime keys may differ
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    check_same_config(tmp_path, cfg)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        check_same_config(tmp_path, cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 0.5})}))
+    with pytest.raises(ConfigError, match="another config"):
+        check_same_config(tmp_path, TrainConfig.from_dict({"method": {"name": "logitnorm", "terms": {"logitnorm": {"tau": 0.5}}}}))

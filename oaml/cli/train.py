@@ -6,12 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
-from ..training.config import TrainConfig
+from ..training.config import TrainConfig, check_same_config
 from .common import add_set_argument, load_config, prepare_out
-
-# settings that do not change what a run computes: a resumed run may change them
-_RUNTIME_KEYS = {"progress", "tensorboard", "device", "data.num_workers", "data.eval_batch_size"}
-
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a student with one method (vanilla, oaml, oe, ...)")
@@ -21,38 +17,6 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
     add_set_argument(p)
     p.set_defaults(func=run)
-
-
-def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def check_same_config(out: Path, cfg: TrainConfig) -> None:
-    """``--resume`` continues a run only with the config it was started with (runtime keys aside)."""
-    import yaml
-
-    from ..errors import ConfigError
-
-    prev = out / "config.yaml"
-    if not prev.is_file():
-        return
-    old = _flat(yaml.safe_load(prev.read_text()) or {})
-    new = _flat(cfg.model_dump(mode="json"))
-    # keys only one side has (a setting added or removed between versions) take the other's value
-    diff = sorted(k for k in set(old) & set(new) if old[k] != new[k] and k not in _RUNTIME_KEYS)
-    if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
-        raise ConfigError(
-            f"{out} holds a run started with another config ({shown}{' ...' if len(diff) > 5 else ''}); "
-            "--resume continues a run only with its own config: pass --overwrite to start again or choose another --out"
-        )
 
 
 def checkpoint_bytes(cfg: TrainConfig) -> int:

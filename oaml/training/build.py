@@ -123,6 +123,11 @@ def make_teacher_fn(teacher: Any, train_set: Any, cfg: TrainConfig):
         from ..models.teachers import compute_teacher_outputs
 
         logits, feats = compute_teacher_outputs(teacher, train_set, batch_size=cfg.data.eval_batch_size)
+        from ..utils.device import resolve_device
+
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and (logits.numel() + feats.numel()) * 4 <= cfg.teacher.device_cache_mb * 2**20:
+            logits, feats = logits.float().to(device), feats.float().to(device)  # one copy, no transfer per step
 
         def cached(raw: torch.Tensor, idx: torch.Tensor):
             return logits[idx], feats[idx]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Any, Dict, Literal, Optional
 
 from pydantic import Field
 
 from ..config import StrictModel
+from ..errors import ConfigError
 from ..models.preprocess import PreprocessConfig
 from .methods import MethodConfig
 
@@ -52,6 +54,7 @@ class OptimConfig(StrictModel):
 class TeacherRefConfig(StrictModel):
     checkpoint: Optional[str] = None  # a fine-tuned teacher (oaml teacher finetune)
     cache: bool = True  # use cached teacher outputs when the ID images are not augmented
+    device_cache_mb: float = Field(2048, ge=0)  # on CUDA, a cache up to this size is kept on the GPU
 
 
 class OutlierSourcesConfig(StrictModel):
@@ -73,3 +76,44 @@ class TrainConfig(StrictModel):
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at the end of each epoch only
     tensorboard: bool = True
     progress: bool = True
+
+
+# settings that do not change what a run computes: a resumed run may change them
+_RUNTIME_KEYS = {"progress", "tensorboard", "device", "data.num_workers", "data.eval_batch_size"}
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_same_config(out: Path, cfg: "TrainConfig") -> None:
+    """A run folder continues only with the config it was started with (``--resume``, a rerun
+    pipeline or bench): runtime keys aside, and keys that only one side has (a setting added or
+    removed between versions) take the other side's value."""
+    import yaml
+
+    prev = out / "config.yaml"
+    if not prev.is_file():
+        return
+    raw = yaml.safe_load(prev.read_text()) or {}
+    new = _flat(cfg.model_dump(mode="json"))
+    try:  # read with this version's schema: settings added since then take their defaults
+        old = _flat(type(cfg).from_dict(raw, source=str(prev)).model_dump(mode="json"))
+        keys = set(old) | set(new)
+    except ConfigError:  # it holds a key this version no longer has: compare the keys both have
+        old = _flat(raw)
+        keys = set(old) & set(new)
+    diff = sorted(k for k in keys if old.get(k) != new.get(k) and k not in _RUNTIME_KEYS)
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
+        raise ConfigError(
+            f"{out} holds a run started with another config ({shown}{' ...' if len(diff) > 5 else ''}); "
+            "--resume continues a run only with its own config: pass --overwrite to start again or choose another --out"
+        )

@@ -117,9 +117,13 @@ class _MITerm(Term):
         return [{"params": params, "lr": self.cfg.lr, "initial_lr": self.cfg.lr}] if params else []
 
     def _outliers(self, s: StepState) -> torch.Tensor:
-        idx = self.pairer(s.labels.cpu(), mode=self.cfg.pairing, generator=s.generator)
-        y = self._vectors[idx] if self._vectors is not None else torch.from_numpy(self.bank.gather(idx.numpy()))
-        return y.to(s.features.device)
+        labels = s.labels_cpu if s.labels_cpu is not None else s.labels.cpu()
+        idx = self.pairer(labels, mode=self.cfg.pairing, generator=s.generator)
+        if self._vectors is None:
+            return torch.from_numpy(self.bank.gather(idx.numpy())).to(s.features.device)
+        if self._vectors.device != s.features.device:  # an in-memory bank moves to the GPU once
+            self._vectors = self._vectors.to(s.features.device)
+        return self._vectors[idx.to(self._vectors.device)]
 
     def pre_step(self, s: StepState) -> Dict[str, float]:
         self._y = self._outliers(s)

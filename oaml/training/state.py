@@ -33,4 +33,5 @@ class StepState:
     model: Any = None
     extras: Dict[str, Any] = field(default_factory=dict)
     indices: Optional[torch.Tensor] = None  # dataset indices of the ID batch
+    labels_cpu: Optional[torch.Tensor] = None  # ``labels`` on the CPU (for index draws without a device sync)
     aux_indices: Optional[torch.Tensor] = None  # indices of the auxiliary images in the outlier pool

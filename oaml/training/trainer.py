@@ -367,7 +367,7 @@ class Trainer:
         aug = cfg.data.augment
         raw_aug = augment_batch(raw, aug.flip, aug.crop_padding, g) if (aug.flip or aug.crop_padding) else raw
         x = self.preprocess(raw_aug.to(self.device, non_blocking=True))
-        labels = labels.to(self.device)
+        labels_cpu, labels = labels, labels.to(self.device)
         n_id = x.shape[0]
         aux_x = aux_idx = None
         if self.aux is not None and any("aux" in t.requires for t in self.terms.values()):
@@ -393,6 +393,7 @@ class Trainer:
         state = StepState(
             images=x,
             labels=labels,
+            labels_cpu=labels_cpu,
             logits=logits_all[:n_id],
             features=feats_all[:n_id],
             generator=g,
