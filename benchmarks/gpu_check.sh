@@ -7,7 +7,7 @@
 #   .gpu/fmnist/ the four Fashion-MNIST .gz files of Debian's dataset-fashion-mnist package
 # What it checks: benchmarks/train_step.py on CUDA (vanilla vs OAML steps, AMP on), the trainer,
 # UDG, OAML-training, CLUB and score tests on a machine where device "auto" is CUDA, and a short
-# `oaml train` (vanilla, then OAML-KD needs a teacher: skipped) with mixed precision.
+# `oaml train` (vanilla) with mixed precision.
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
@@ -19,6 +19,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 python3 -m oaml.cli.main data prepare fashion-mnist 2>&1 | tail -2
 echo "== train_step on CUDA"
 python3 benchmarks/train_step.py --device cuda --steps 50 --warmup 10 --out "$OUT/train_step_cuda.json" 2>&1 | grep -v Warning | tail -8
+python3 benchmarks/train_step.py --device cuda --steps 30 --warmup 5 --scale paper --out "$OUT/train_step_cuda_paper.json" 2>&1 | grep -v Warning | tail -8
 echo "== tests with CUDA as the auto device"
 python3 -m pytest -q -p no:cacheprovider tests/test_trainer.py tests/test_udg.py tests/test_oaml_training.py tests/test_losses_club.py tests/test_scores.py 2>&1 | tail -6 | tee "$OUT/pytest.txt"
 echo "== oaml train (vanilla, 2 epochs on 20,000 images, CUDA + AMP)"

@@ -255,10 +255,16 @@ class CLUB(nn.Module):
                 "CLUB.estimator_step is for mode='fitted'; in 'reference' mode q is never fitted by "
                 "likelihood (it is trained jointly with the student through the bound)"
             )
+        return float(self.fit_step(x, y))
+
+    def fit_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`estimator_step` returning the log-likelihood as a 0-d tensor (no device sync)."""
+        if self.mode != "fitted":
+            raise ConfigError("CLUB.fit_step is for mode='fitted'")
         opt = self.estimator_optimizer
         x = x.detach()
         y = y.detach()
-        ll_value = float("nan")
+        ll_value = torch.tensor(float("nan"))
         with torch.enable_grad():
             for _ in range(self.steps):
                 opt.zero_grad(set_to_none=True)
@@ -266,7 +272,7 @@ class CLUB(nn.Module):
                 (-ll).backward()
                 average_gradients(self.estimator_parameters())  # under torchrun: one q for all processes
                 opt.step()
-                ll_value = float(ll.detach())
+                ll_value = ll.detach()
         opt.zero_grad(set_to_none=True)  # leave no likelihood gradient behind on q's parameters
         self.estimator_updates += self.steps
         return ll_value

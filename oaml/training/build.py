@@ -129,8 +129,11 @@ def make_teacher_fn(teacher: Any, train_set: Any, cfg: TrainConfig):
         if device.type == "cuda" and (logits.numel() + feats.numel()) * 4 <= cfg.teacher.device_cache_mb * 2**20:
             logits, feats = logits.float().to(device), feats.float().to(device)  # one copy, no transfer per step
 
+        from ..utils.device import to_device_async
+
         def cached(raw: torch.Tensor, idx: torch.Tensor):
-            return logits[idx], feats[idx]
+            i = to_device_async(idx, logits.device)
+            return logits[i], feats[i]
 
         cached.cached = True  # type: ignore[attr-defined]
         return cached, feats.shape[1]

@@ -28,6 +28,7 @@ from pydantic import Field
 from ..errors import ConfigError
 from ..losses.club import CLUB, OutlierPairer
 from ..losses.distill import TransferMLP, feature_kd, logit_kd
+from ..utils.device import to_device_async
 from .methods import Method, register_method
 from .state import StepState
 from .terms import TERMS, BuildContext, Term, TermConfig
@@ -123,12 +124,12 @@ class _MITerm(Term):
             return torch.from_numpy(self.bank.gather(idx.numpy())).to(s.features.device)
         if self._vectors.device != s.features.device:  # an in-memory bank moves to the GPU once
             self._vectors = self._vectors.to(s.features.device)
-        return self._vectors[idx.to(self._vectors.device)]
+        return self._vectors[to_device_async(idx, self._vectors.device)]
 
     def pre_step(self, s: StepState) -> Dict[str, float]:
         self._y = self._outliers(s)
         if self.cfg.mode == "fitted":
-            return {f"{self.bank_key}_club_loglik": self.club.estimator_step(s.features, self._y)}
+            return {f"{self.bank_key}_club_loglik": self.club.fit_step(s.features, self._y)}
         return {}
 
     def forward(self, s: StepState) -> torch.Tensor:

@@ -109,7 +109,8 @@ class Term(nn.Module):
         ``state.extras[<term name>] = {"logits", "features", "info"}``. Default: none."""
         return None
 
-    def pre_step(self, state: StepState) -> Dict[str, float]:
+    def pre_step(self, state: StepState) -> Dict[str, Any]:
+        """Work before the loss; returns values to log (floats or 0-d tensors, read back once per step)."""
         return {}
 
     def on_epoch_start(self, ctx: EpochContext) -> Dict[str, float]:

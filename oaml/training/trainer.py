@@ -413,22 +413,24 @@ class Trainer:
             off += n
         if self.teacher_needed:
             state.teacher_logits, state.teacher_features = self._teacher_outputs(raw_aug, idx)
-        logs: Dict[str, float] = {}
+        logs: Dict[str, Any] = {}  # floats or 0-d tensors: read back in ONE device sync below
         for term in self.terms.values():
             logs.update(term.pre_step(state))
         total = torch.zeros((), device=self.device)
         for name, term in self.terms.items():
             value = term(state)
-            if not torch.isfinite(value).all():
+            logs[name] = value.detach()
+            total = total + term.weight * value
+        logs["total"] = total.detach()
+        logs["train_acc"] = (state.logits.argmax(1) == labels).float().mean()
+        logs = _read_back(logs)
+        for name in self.terms:  # before any weight changes
+            if not math.isfinite(logs[name]):
                 raise NonFiniteError(
-                    f"loss term {name!r} became {value.item()} at epoch {self.epoch} step {self.global_step}; "
+                    f"loss term {name!r} became {logs[name]} at epoch {self.epoch} step {self.global_step}; "
                     f"the last good checkpoint is {self.out_dir / 'last.pt'}. Lower optim.lr or the term's weight, "
                     "or check the inputs"
                 )
-            logs[name] = float(value.detach())
-            total = total + term.weight * value
-        logs["total"] = float(total.detach())
-        logs["train_acc"] = float((state.logits.argmax(1) == labels).float().mean())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.distributed:  # DDP averaged the student's gradients; the terms' own modules are averaged here
@@ -612,6 +614,16 @@ class Trainer:
                 if isinstance(v, (int, float)) and k != "epoch":
                     self._tb.add_scalar(k, v, row["epoch"])
             self._tb.flush()
+
+
+def _read_back(logs: Dict[str, Any]) -> Dict[str, float]:
+    """Tensor values (0-d, any device) to floats with one transfer instead of one sync each."""
+    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in logs.items() if not isinstance(v, torch.Tensor)}
+    if keys:
+        vals = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).tolist()
+        out.update(zip(keys, vals))
+    return {k: out[k] for k in logs}
 
 
 def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

@@ -51,3 +51,10 @@ def amp_enabled(device: torch.device, requested: bool | str = "auto") -> bool:
     if requested == "auto":
         return device.type == "cuda"
     return bool(requested) and device.type == "cuda"
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to ``device`` without waiting for the queued GPU work (pinned staging)."""
+    if device.type != "cuda" or t.device == device:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
