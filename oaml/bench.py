@@ -83,24 +83,17 @@ class BenchConfig(StrictModel):
     def load(cls, path: Optional[str], overrides: List[str]) -> "BenchConfig":
         """Read a bench YAML; ``pipeline: other.yaml`` (relative to the file) loads a pipeline
         config, ``pipeline_overrides:`` then merges onto it. ``--set`` overrides apply last."""
-        from .cli.common import apply_overrides
+        from .cli.common import apply_overrides, read_config_file
 
         data: Dict[str, Any] = {}
         if path:
             p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file {p} does not exist")
-            try:
-                data = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{p} is not valid YAML: {exc}") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"{p} must hold a mapping of keys to values")
+            data = read_config_file(p)
             if isinstance(data.get("pipeline"), str):
                 base = (p.parent / data["pipeline"]).resolve()
                 if not base.is_file():
                     raise ConfigError(f"{p}: pipeline config {base} does not exist")
-                data["pipeline"] = yaml.safe_load(base.read_text()) or {}
+                data["pipeline"] = read_config_file(base)
             if "pipeline_overrides" in data:
                 from .pipeline import _deep_merge
 

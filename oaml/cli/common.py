@@ -38,18 +38,22 @@ def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any
 
 
 def load_config(cls: Type[M], path: str | None, overrides: List[str]) -> M:
-    data: Dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p} must hold a mapping of keys to values")
+    data: Dict[str, Any] = read_config_file(path) if path else {}
     return cls.from_dict(apply_overrides(data, overrides), source=str(path or "config"))
+
+
+def read_config_file(path: str | Path) -> Dict[str, Any]:
+    """A YAML config file as a mapping, or a ConfigError naming the file and what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of keys to values")
+    return data
 
 
 def prepare_out(out: str | Path, resume: bool, overwrite: bool, marker: str, need_bytes: int = 0,
