@@ -77,7 +77,12 @@ class BenchConfig(StrictModel):
         if not isinstance(pipe, dict):
             raise ConfigError(f"{source}: pipeline must be a mapping (or, in a file, a path to a pipeline YAML)")
         data["pipeline"] = PipelineConfig.from_dict(pipe, source=f"{source}: pipeline")
-        return super().from_dict(data, source)
+        cfg = super().from_dict(data, source)
+        from .training.methods import validate_method
+
+        for name, spec in cfg.methods.items():  # every run's term settings, before any training
+            validate_method(spec.method, source=f"methods.{name}.method")
+        return cfg
 
     @classmethod
     def load(cls, path: Optional[str], overrides: List[str]) -> "BenchConfig":

@@ -114,3 +114,10 @@ def test_bench_grid_is_cached_per_method_and_seed_and_extends(tmp_path, monkeypa
     changed.methods["logitnorm"].method.terms = {"logitnorm": {"tau": 0.5}}
     with pytest.raises(ConfigError, match="another config"):
         Bench(changed, out).run()
+
+
+def test_bench_rejects_bad_term_settings_before_any_work():
+    """A term setting that only a late run would reach (NPOS's k-NN needs queue_size > K) fails
+    when the grid is read."""
+    with pytest.raises(ConfigError, match="queue_size"):
+        BenchConfig.from_dict({"methods": {"npos": {"method": {"name": "npos", "terms": {"npos": {"queue_size": 200}}}}}})

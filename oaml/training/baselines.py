@@ -102,7 +102,7 @@ from typing import Dict, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import ConfigError
@@ -405,6 +405,16 @@ class NPOSConfig(TermConfig):
     keep: int = Field(200, ge=1)  # kept per boundary point (ID_points_num)
     phi_lr: Optional[float] = Field(None, gt=0)  # phi's own lr (None: optim.lr); NPOS: 0.1 x optim.lr
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "NPOSConfig":  # checked when the config is read, before any training
+        if self.keep > self.candidates:
+            raise ValueError(f"keep={self.keep} exceeds candidates={self.candidates}")
+        if self.boundary > self.queue_size:
+            raise ValueError(f"boundary={self.boundary} exceeds queue_size={self.queue_size}")
+        if self.K > self.queue_size - 1:
+            raise ValueError(f"K={self.K} needs queue_size >= K + 1, got {self.queue_size}")
+        return self
+
 
 @TERMS.register("npos")
 class NPOSTerm(Term):
@@ -417,18 +427,12 @@ class NPOSTerm(Term):
         super().__init__(cfg, ctx)
         if ctx.num_classes < 2:
             raise ConfigError("npos needs at least 2 classes")
-        if cfg.keep > cfg.candidates:
-            raise ConfigError(f"npos: keep={cfg.keep} exceeds candidates={cfg.candidates}")
-        if cfg.boundary > cfg.queue_size:
-            raise ConfigError(f"npos: boundary={cfg.boundary} exceeds queue_size={cfg.queue_size}")
         d = ctx.feature_dim
         self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, cfg.feat_dim))
         self.phi = nn.Sequential(nn.Linear(d, cfg.feat_dim), nn.ReLU(), nn.Linear(cfg.feat_dim, 1))
         self.queue = ClassFeatureQueue(ctx.num_classes, d, cfg.queue_size)
         self.register_buffer("prototypes", torch.zeros(ctx.num_classes, cfg.feat_dim))
         self.register_buffer("proto_init", torch.zeros(ctx.num_classes, dtype=torch.bool))
-        if cfg.K > cfg.queue_size - 1:
-            raise ConfigError(f"npos: K={cfg.K} needs queue_size >= K + 1, got {cfg.queue_size}")
         self._loss: Optional[torch.Tensor] = None
 
     def student_param_groups(self) -> list:

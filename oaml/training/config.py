@@ -77,6 +77,14 @@ class TrainConfig(StrictModel):
     tensorboard: bool = True
     progress: bool = True
 
+    @classmethod
+    def from_dict(cls, data: Optional[Dict[str, Any]], source: str = "config") -> "TrainConfig":
+        from .methods import validate_method
+
+        cfg = super().from_dict(data, source)
+        validate_method(cfg.method)  # every term's settings, before data or models are touched
+        return cfg
+
 
 # settings that do not change what a run computes: a resumed run may change them
 _RUNTIME_KEYS = {"progress", "tensorboard", "device", "data.num_workers", "data.eval_batch_size"}

@@ -59,6 +59,14 @@ def resolve_terms(cfg: MethodConfig) -> Dict[str, Dict[str, Any]]:
     return {k: v for k, v in terms.items() if float(v.get("weight", 1.0)) != 0.0}
 
 
+def validate_method(cfg: MethodConfig, source: str = "method") -> None:
+    """Parse every term's settings now, so that a bad value fails before hours of other work."""
+    from .terms import TERMS
+
+    for name, settings in resolve_terms(cfg).items():
+        TERMS.get(name).config_cls.from_dict(settings, source=f"loss term {name!r} ({source}.terms.{name})")
+
+
 register_method(
     Method(
         name="vanilla",
