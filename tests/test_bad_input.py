@@ -51,8 +51,9 @@ def fail(argv: list[str], capsys) -> str:
     assert main(argv) == 1, argv
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith(f"oaml {argv[0]}: error:"), err
-    with capsys.disabled():  # shown with pytest -s: the messages users see
-        print(f"\n$ oaml {' '.join(argv)}\n{err.strip()}")
+    if os.environ.get("OAML_SHOW_ERRORS"):  # OAML_SHOW_ERRORS=1 pytest -s: the messages users see
+        with capsys.disabled():
+            print(f"\n$ oaml {' '.join(argv)}\n{err.strip()}")
     return err
 
 

@@ -59,7 +59,7 @@ def _killed_when(cmd: list[str], ready, log: Path, timeout: float = 120.0) -> No
             os.kill(p.pid, signal.SIGKILL)
         p.wait()
     assert p.returncode == -signal.SIGKILL, f"the job ended with {p.returncode} before it was killed: {log.read_text()[-2000:]}"
-    print(f"\nkilled {' '.join(cmd[3:5])} (SIGKILL) at {time.monotonic() - t0:.2f} s")
+    print(f"\nkilled {' '.join(cmd[3:5])} (SIGKILL) at {time.monotonic() - t0:.2f} s")  # pytest -s
 
 
 def _shards(bank: Path) -> int:
