@@ -245,7 +245,8 @@ class Pipeline:
             banks["dood"] = str(d)
         teacher = src.teacher() if "teacher" in req else None
         tcfg = _train_config(self.cfg, run, init, str(src.teacher_path) if teacher else None, banks)
-        check_same_config(out, tcfg)
+        if (out / "last.pt").is_file() or (out / "summary.json").is_file():  # only trained state is protected
+            check_same_config(out, tcfg)
         prev = out / "config.yaml"
         if (out / "summary.json").is_file():
             return out / "best.pt"
