@@ -58,28 +58,29 @@ def evaluate_checkpoint(
             f"run `oaml data prepare` for them (see `oaml data list`)"
         )
     ood = [OODSet(r.name, r.group, bench.build_ood(r, root, skip_bad)) for r in bench.ood_test_sets]
-    ood_val = [OODSet(r.name, "far", bench.build_ood(r, root, skip_bad)) for r in bench.ood_val] if search else []
+    if score_ood_val and not bench.ood_val:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"benchmark {benchmark!r} has no OOD-val sets; set eval.ood_val: false")
+    val_sets = [OODSet(r.name, "far", bench.build_ood(r, root, skip_bad)) for r in bench.ood_val] if (search or score_ood_val) else []
+    cache, model_id = cache_dir or Path(out_dir) / "feature_cache", sha256_file(checkpoint)
     ev = Evaluator(
         model, pre, bench.id_train(root, skip_bad), bench.id_val(root, skip_bad), bench.id_test(root, skip_bad), ood,
         scores=list(scores or DEFAULT_SCORES), score_kwargs=score_kwargs, device=dev, batch_size=batch_size,
-        cache_dir=cache_dir or Path(out_dir) / "feature_cache", model_id=sha256_file(checkpoint),
-        benchmark=benchmark, fit_limit=fit_limit, progress=progress, ood_val=ood_val, search=search,
+        cache_dir=cache, model_id=model_id,
+        benchmark=benchmark, fit_limit=fit_limit, progress=progress, ood_val=val_sets if search else [], search=search,
     )
     results = ev.run()
     if score_ood_val:
         from ..scores import SCORES
 
-        val_sets = [OODSet(r.name, "far", bench.build_ood(r, root, skip_bad)) for r in bench.ood_val]
         feature_scores = [s for s in ev.score_names if not SCORES.get(s).requires_model]
-        if not val_sets:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"benchmark {benchmark!r} has no OOD-val sets; set eval.ood_val: false")
         val = Evaluator(
-            model, pre, bench.id_train(root, skip_bad), bench.id_val(root, skip_bad), bench.id_test(root, skip_bad), val_sets,
+            # the ID splits the first evaluator already built (and subset): their features come from the cache
+            model, pre, ev.splits["id_train"], ev.splits["id_val"], ev.splits["id_test"], val_sets,
             scores=feature_scores, score_kwargs={k: v for k, v in (score_kwargs or {}).items() if k in feature_scores},
-            device=dev, batch_size=batch_size, cache_dir=cache_dir or Path(out_dir) / "feature_cache",
-            model_id=sha256_file(checkpoint), benchmark=benchmark, fit_limit=fit_limit, progress=progress,
+            device=dev, batch_size=batch_size, cache_dir=cache, model_id=model_id, benchmark=benchmark,
+            fit_limit=fit_limit, progress=progress,
         ).run()
         results["ood_val"] = {"scores": {k: {"all": v["all"], "datasets": v["datasets"]} for k, v in val["scores"].items()},
                               "ood_sets": val["ood_sets"]}
