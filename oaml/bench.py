@@ -122,8 +122,8 @@ class Bench:
     # -- running -------------------------------------------------------------------------------
     def _shared_settings(self) -> str:
         p = self.cfg.pipeline
-        keys = ("benchmark", "teacher", "bank", "sampler", "generator")
-        return yaml.safe_dump({"seed": p.seed, **{k: getattr(p, k).model_dump(mode="json") if hasattr(getattr(p, k), "model_dump") else getattr(p, k) for k in keys}}, sort_keys=False)
+        shared = p.model_dump(mode="json", include={"benchmark", "teacher", "bank", "sampler", "generator"})
+        return yaml.safe_dump({"seed": p.seed, **shared}, sort_keys=False)
 
     def _runs(self) -> Dict[str, BenchRun]:
         return {"vanilla": BenchRun(method=MethodConfig(name="vanilla"), init="scratch", optim=self.cfg.pipeline.vanilla.optim,
@@ -149,17 +149,15 @@ class Bench:
         self._build_shared(shared, runs)
         for seed in cfg.seeds:
             p = Pipeline(cfg.pipeline.model_copy(update={"seed": seed}), self.out / "runs" / f"seed{seed}", artefacts=shared)
-            vanilla_ckpt: Optional[Path] = None
-            for name, spec in runs.items():
-                if spec.init == "vanilla" and vanilla_ckpt is None:
-                    raise ConfigError("internal: vanilla must run first")  # pragma: no cover
+            # vanilla first, as pipeline.vanilla whole (its `pretrained` weights, e.g. ImageNet's ResNet-50)
+            log.info("=== bench: vanilla, seed %d", seed)
+            vanilla_ckpt = p.train("vanilla", cfg.pipeline.vanilla)
+            p.evaluate("vanilla", vanilla_ckpt)
+            for name, spec in cfg.methods.items():
                 default = cfg.pipeline.oaml.optim if spec.init == "vanilla" else cfg.pipeline.vanilla.optim
-                # vanilla keeps pipeline.vanilla whole (its `pretrained` weights, e.g. ImageNet's ResNet-50)
-                run = cfg.pipeline.vanilla if name == "vanilla" else StudentRunConfig(optim=spec.optim or default, method=spec.method)
+                run = StudentRunConfig(optim=spec.optim or default, method=spec.method)
                 log.info("=== bench: %s, seed %d", name, seed)
                 ckpt = p.train(name, run, init=str(vanilla_ckpt) if spec.init == "vanilla" else None)
-                if name == "vanilla":
-                    vanilla_ckpt = ckpt
                 p.evaluate(name, ckpt)
             self.times.update({f"seed{seed}/{k}": v for k, v in p.times.items()})
         self.times.update({f"shared/{k}": v for k, v in shared.times.items()})

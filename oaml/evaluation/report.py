@@ -200,31 +200,15 @@ def bench_markdown(agg: Dict[str, Any], main_scores: Sequence[str], notes: Seque
         cells.append(_ms(m["seconds_per_epoch"], 1))
         lines.append("| " + " | ".join(cells) + " |")
     if any("ood_val" in m for m in methods.values()):
-        lines += ["", "## OOD-val (what defaults are chosen on; never the test sets)", "",
-                  "| method | " + " | ".join(f"{s.upper()} FPR@95 ↓ | {s.upper()} AUROC ↑" for s in main_scores) + " |",
-                  "|---|" + "---|---|" * len(main_scores)]
-        for name, m in methods.items():
-            if "ood_val" not in m:
-                continue
-            cells = [name]
-            for s in main_scores:
-                v = m["ood_val"].get(s)
-                cells += [_ms(v["fpr95"]) if v else "-", _ms(v["auroc"]) if v else "-"]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "## OOD-val (what defaults are chosen on; never the test sets)", ""]
+        lines += _fpr_auroc_table({n: m["ood_val"] for n, m in methods.items() if "ood_val" in m}, main_scores)
         for s in main_scores:
             ranked = sorted(((m["ood_val"][s]["auroc"]["mean"], n) for n, m in methods.items() if "ood_val" in m and s in m["ood_val"]), reverse=True)
             if ranked:
                 lines.append(f"\nBest on OOD-val by {s.upper()} AUROC: **{ranked[0][1]}** ({ranked[0][0]:.2f}).")
     for group in ("near", "far"):
-        lines += ["", f"## {group.capitalize()} OOD (mean of the {group} sets)", "",
-                  "| method | " + " | ".join(f"{s.upper()} FPR@95 ↓ | {s.upper()} AUROC ↑" for s in main_scores) + " |",
-                  "|---|" + "---|---|" * len(main_scores)]
-        for name, m in methods.items():
-            cells = [name]
-            for s in main_scores:
-                g = m["scores"].get(s, {}).get(group)
-                cells += [_ms(g["fpr95"]) if g else "-", _ms(g["auroc"]) if g else "-"]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"## {group.capitalize()} OOD (mean of the {group} sets)", ""]
+        lines += _fpr_auroc_table({n: {s: e.get(group) for s, e in m["scores"].items()} for n, m in methods.items()}, main_scores)
     for s in main_scores:
         first = next((m["scores"][s] for m in methods.values() if s in m["scores"]), None)
         if first is None:
@@ -248,6 +232,20 @@ def bench_markdown(agg: Dict[str, Any], main_scores: Sequence[str], notes: Seque
     if plots:
         lines += ["", "## Plots", ""] + [f"![{k}]({p})" for k, p in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def _fpr_auroc_table(rows: Dict[str, Dict[str, Any]], scores: Sequence[str]) -> List[str]:
+    """Markdown rows: one per method, FPR@95 and AUROC (mean ± std) of each score; ``rows`` maps
+    method -> {score: {metric: AGG} or None}."""
+    lines = ["| method | " + " | ".join(f"{s.upper()} FPR@95 ↓ | {s.upper()} AUROC ↑" for s in scores) + " |",
+             "|---|" + "---|---|" * len(scores)]
+    for name, per_score in rows.items():
+        cells = [name]
+        for s in scores:
+            v = per_score.get(s)
+            cells += [_ms(v["fpr95"]) if v else "-", _ms(v["auroc"]) if v else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def bench_plots(out_dir: Path, agg: Dict[str, Any], main_scores: Sequence[str]) -> Dict[str, Path]:
