@@ -15,6 +15,12 @@ Layout of ``--out``::
     runs/seed<S>/eval/<M>/      results.json (+ .md, .csv, plots)
     results.json, results.md, plots/
 
+The report leads with paired per-seed differences of every run to ``delta_vs`` (``vanilla-cont``:
+same seed, same starting checkpoint) with 95% t-intervals, then mean +- std per run over the OOD
+sets the benchmark's OE pool does not share a source with (``oe_disjoint``), beside those it does
+(``oe_overlap``), all, near and far; ``shared/eval/teacher/results.json``, when present, adds the
+teacher as a one-seed ceiling row.
+
 A (method, seed) whose evaluation is complete is not run again, so an interrupted grid, or one
 extended with methods or seeds, reruns only what is missing. A run folder trained with another
 configuration is an error (``--overwrite`` starts the grid again).
@@ -57,6 +63,7 @@ class BenchConfig(StrictModel):
     seeds: List[int] = Field([0, 1, 2], min_length=1)
     methods: Dict[str, BenchRun] = {}  # the grid besides `vanilla` (always run: it is every other run's start)
     main_scores: List[str] = ["ebo", "gen", "knn"]
+    delta_vs: Optional[str] = "vanilla-cont"  # reference run of the paired per-seed differences (null: none)
     notes: List[str] = []  # the choices to state in the report (width, epochs, training-set size, ...)
 
     @model_validator(mode="after")
@@ -68,6 +75,8 @@ class BenchConfig(StrictModel):
         missing = [s for s in self.main_scores if s not in self.pipeline.eval.scores]
         if missing:
             raise ConfigError(f"main_scores {missing} are not in pipeline.eval.scores {self.pipeline.eval.scores}")
+        if self.delta_vs is not None and self.delta_vs not in {"vanilla", *self.methods}:
+            raise ConfigError(f"delta_vs {self.delta_vs!r} is not a run of the grid (vanilla, {', '.join(self.methods)}); name one, or set delta_vs: null")
         return self
 
     @classmethod
@@ -110,6 +119,66 @@ def aggregate(values: List[float]) -> Dict[str, float]:
     """Mean, sample standard deviation (ddof 1; 0 for one value) and count."""
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
+
+
+GROUPS = ("near", "far", "all", "oe_disjoint", "oe_overlap")
+PAIRED_METRICS = ("auroc", "fpr95", "fpr95_id_pos", "aupr_in", "aupr_out")
+
+
+def paired_difference(a: List[float], b: List[float]) -> Dict[str, Any]:
+    """Differences a[i] - b[i] of paired runs: mean, 95% Student-t interval
+    mean +- t_{0.975, n-1} sd / sqrt(n) (sd with ddof 1; None for fewer than two pairs), n, and
+    whether the interval excludes 0."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference needs as many values on both sides, got {len(a)} and {len(b)}")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = int(d.size)
+    mean = float(d.mean()) if n else None
+    ci = None
+    if n > 1:
+        from scipy.stats import t
+
+        half = float(t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n))
+        ci = [mean - half, mean + half]
+    return {"mean": mean, "ci95": ci, "n": n, "excludes_zero": ci is not None and (ci[0] > 0 or ci[1] < 0)}
+
+
+def _aggregate_evals(evals: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """ID accuracy and every score's per-set and group metrics (and OOD-val, when every evaluation
+    has it) of one run's evaluations, as mean +- std over them."""
+
+    def agg(entries: List[Dict[str, float]]) -> Dict[str, Any]:
+        return {m: aggregate([e[m] for e in entries]) for m in METRICS}
+
+    scores: Dict[str, Any] = {}
+    for score, first in evals[0]["scores"].items():
+        scores[score] = {"datasets": {ds: agg([e["scores"][score]["datasets"][ds] for e in evals]) for ds in first["datasets"]}}
+        scores[score].update({g: agg([e["scores"][score][g] for e in evals]) for g in GROUPS if g in first})
+    out: Dict[str, Any] = {"id_accuracy": aggregate([e["id_accuracy"] for e in evals]), "scores": scores}
+    if all("ood_val" in e for e in evals):
+        out["ood_val"] = {s: agg([e["ood_val"]["scores"][s]["all"] for e in evals]) for s in evals[0]["ood_val"]["scores"]}
+    return out
+
+
+def _paired(found: Dict[str, Dict[int, Dict[str, Any]]], ref: str) -> Dict[str, Any]:
+    """Per method besides ``ref``: paired differences to ``ref`` on the seeds both finished, of ID
+    accuracy and of every score's group metrics."""
+    base = {seed: v["eval"] for seed, v in found.get(ref, {}).items()}
+    out: Dict[str, Any] = {}
+    for name, per_seed in found.items():
+        if name == ref:
+            continue
+        pairs = [(per_seed[s]["eval"], base[s]) for s in sorted(set(per_seed) & set(base))]
+
+        def diff(get) -> Dict[str, Any]:
+            return paired_difference([get(a) for a, _ in pairs], [get(b) for _, b in pairs])
+
+        a0, b0 = pairs[0] if pairs else ({"scores": {}}, {"scores": {}})
+        scores = {s: {g: {m: diff(lambda e: e["scores"][s][g][m]) for m in PAIRED_METRICS}
+                      for g in GROUPS if g in a0["scores"][s] and g in b0["scores"][s]}
+                  for s in a0["scores"] if s in b0["scores"]}
+        out[name] = {"id_accuracy": diff(lambda e: e["id_accuracy"]), "scores": scores}
+    return out
 
 
 class Bench:
@@ -188,6 +257,28 @@ class Bench:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     # -- aggregation and report ------------------------------------------------------------------
+    def oe_groups(self) -> Dict[str, List[str]]:
+        """The benchmark's OOD test sets split by whether its outlier-exposure pool shares a source
+        family with them: {"oe_disjoint": [...], "oe_overlap": [...]} (a group without sets is left out)."""
+        from .data import get_benchmark
+
+        refs = get_benchmark(self.cfg.pipeline.benchmark).ood_test_sets
+        groups = {"oe_disjoint": [r.name for r in refs if not getattr(r, "shares_oe_source", False)],
+                  "oe_overlap": [r.name for r in refs if getattr(r, "shares_oe_source", False)]}
+        return {g: names for g, names in groups.items() if names}
+
+    def _load_eval(self, path: Path) -> Dict[str, Any]:
+        """An evaluation's results.json, with the ``oe_disjoint`` / ``oe_overlap`` means per score
+        added (plain means over that group's sets, like near / far / all)."""
+        res = json.loads(path.read_text())
+        overlap = set(self.oe_groups().get("oe_overlap", []))
+        for entry in res["scores"].values():
+            ds = entry["datasets"]
+            for group, names in (("oe_disjoint", [n for n in ds if n not in overlap]), ("oe_overlap", [n for n in ds if n in overlap])):
+                if names:
+                    entry[group] = {m: float(np.mean([ds[n][m] for n in names])) for m in METRICS}
+        return res
+
     def collect(self) -> Dict[str, Dict[int, Dict[str, Any]]]:
         """{method: {seed: {"eval": results.json, "train": summary.json}}} for every finished pair."""
         found: Dict[str, Dict[int, Dict[str, Any]]] = {}
@@ -196,38 +287,31 @@ class Bench:
                 base = self.out / "runs" / f"seed{seed}"
                 res, summ = base / "eval" / name / "results.json", base / "students" / name / "summary.json"
                 if res.is_file() and summ.is_file():
-                    found.setdefault(name, {})[seed] = {"eval": json.loads(res.read_text()), "train": json.loads(summ.read_text())}
+                    found.setdefault(name, {})[seed] = {"eval": self._load_eval(res), "train": json.loads(summ.read_text())}
         return found
 
     def aggregate(self) -> Dict[str, Any]:
         methods: Dict[str, Any] = {}
         runs = self._runs()
-        for name, per_seed in self.collect().items():
-            evals = [v["eval"] for v in per_seed.values()]
+        found = self.collect()
+        for name, per_seed in found.items():
             spe = [v["train"]["seconds_per_epoch"] for v in per_seed.values() if v["train"].get("seconds_per_epoch") is not None]
-            scores: Dict[str, Any] = {}
-            for score in evals[0]["scores"]:
-                entry: Dict[str, Any] = {"datasets": {}}
-                for ds in evals[0]["scores"][score]["datasets"]:
-                    entry["datasets"][ds] = {m: aggregate([e["scores"][score]["datasets"][ds][m] for e in evals]) for m in METRICS}
-                for group in ("near", "far", "all"):
-                    if group in evals[0]["scores"][score]:
-                        entry[group] = {m: aggregate([e["scores"][score][group][m] for e in evals]) for m in METRICS}
-                scores[score] = entry
-            m: Dict[str, Any] = {
-                "id_accuracy": aggregate([e["id_accuracy"] for e in evals]),
-                "scores": scores,
+            methods[name] = {
+                **_aggregate_evals([v["eval"] for v in per_seed.values()]),
                 "seconds_per_epoch": aggregate(spe) if spe else None,
                 "seeds": sorted(per_seed),
                 "method": runs[name].method.model_dump(mode="json"),
                 "init": runs[name].init,
                 "epochs": per_seed[min(per_seed)]["train"]["epochs"],
             }
-            if all("ood_val" in e for e in evals):
-                m["ood_val"] = {s: {k: aggregate([e["ood_val"]["scores"][s]["all"][k] for e in evals]) for k in METRICS}
-                                for s in evals[0]["ood_val"]["scores"]}
-            methods[name] = m
-        return {"methods": methods, "config": self.cfg.model_dump(mode="json")}
+        agg: Dict[str, Any] = {"methods": methods, "oe_groups": self.oe_groups()}
+        teacher = self.out / "shared" / "eval" / "teacher" / "results.json"
+        if teacher.is_file():  # the lead's evaluation of the shared teacher: a ceiling, one seed
+            agg["teacher"] = {**_aggregate_evals([self._load_eval(teacher)]), "seeds": [self.cfg.pipeline.seed]}
+        if self.cfg.delta_vs is not None:
+            agg["paired"] = {"delta_vs": self.cfg.delta_vs, "methods": _paired(found, self.cfg.delta_vs)}
+        agg["config"] = self.cfg.model_dump(mode="json")
+        return agg
 
     def report(self, command: str = "oaml bench") -> Dict[str, Any]:
         from .evaluation.report import bench_markdown, bench_plots

@@ -120,4 +120,4 @@ def test_bench_rejects_bad_term_settings_before_any_work():
     """A term setting that only a late run would reach (NPOS's k-NN needs queue_size > K) fails
     when the grid is read."""
     with pytest.raises(ConfigError, match="queue_size"):
-        BenchConfig.from_dict({"methods": {"npos": {"method": {"name": "npos", "terms": {"npos": {"queue_size": 200}}}}}})
+        BenchConfig.from_dict({"methods": {"npos": {"method": {"name": "npos", "terms": {"npos": {"queue_size": 200}}}}}, "delta_vs": None})

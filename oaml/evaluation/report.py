@@ -176,29 +176,81 @@ def _ms(agg: Optional[Dict[str, float]], digits: int = 2) -> str:
     return f"{agg['mean']:.{digits}f}"
 
 
+GROUP_TITLES = {"oe_disjoint": "OE-disjoint", "oe_overlap": "OE-overlap", "all": "all sets"}
+
+
+def _delta(d: Optional[Dict[str, Any]]) -> str:
+    """A paired difference: ``+2.31 [+0.80, +3.82]``, bold when the interval excludes 0."""
+    if d is None or not d["n"]:
+        return "-"
+    if d["ci95"] is None:
+        return f"{d['mean']:+.2f} (n=1)"
+    cell = f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+    return f"**{cell}**" if d["excludes_zero"] else cell
+
+
+def _paired_table(ref: str, paired: Dict[str, Any], main_scores: Sequence[str], groups: Sequence[str]) -> List[str]:
+    """One row per method with a paired seed: ID accuracy and each score's AUROC / FPR@95 differences to ``ref``."""
+    cols = [(s, g, m) for s in main_scores for g in groups for m in ("auroc", "fpr95")]
+    label = {"auroc": "ΔAUROC ↑", "fpr95": "ΔFPR@95 ↓"}
+    lines = [f"## Paired differences to `{ref}` (same seed)", "",
+             "| method | n | ID acc Δ ↑ | " + " | ".join(f"{s.upper()} {label[m]} ({GROUP_TITLES[g]})" for s, g, m in cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for name, m in paired.items():
+        cells = [name, str(m["id_accuracy"]["n"]), _delta(m["id_accuracy"])]
+        cells += [_delta(m["scores"].get(s, {}).get(g, {}).get(k)) for s, g, k in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Paired per-seed differences, method − `{ref}`, in percentage points: each seed's run against `{ref}` of the same "
+              "seed (same seed, so the same starting vanilla checkpoint for `init: vanilla` runs); mean [95% Student-t interval "
+              "over the n seeds both finished]. **Bold**: the interval excludes 0; otherwise the difference is noise at this "
+              "number of seeds. n=1 has no interval."]
+    return lines
+
+
 def bench_markdown(agg: Dict[str, Any], main_scores: Sequence[str], notes: Sequence[str] = (), plots: Optional[Dict[str, Path]] = None) -> str:
-    """The paper's layout for a grid: per score, FPR@95 / AUROC per OOD set and near / far / all
-    means, ID accuracy and seconds per epoch, each as mean ± std over seeds."""
+    """The paper's layout for a grid: paired differences to the reference run first, then per
+    score FPR@95 / AUROC over the OE-disjoint, OE-overlapping, all, near and far sets and per
+    OOD set, ID accuracy and seconds per epoch, each as mean ± std over seeds."""
     methods = agg["methods"]
     cfg = agg.get("config", {})
     bench = cfg.get("pipeline", {}).get("benchmark", "?")
+    oe = agg.get("oe_groups", {})
     lines = [f"# `oaml bench` on `{bench}`", ""]
     lines += [f"- Command: `{agg.get('command', 'oaml bench')}`", f"- Machine: {agg.get('machine', '?')}", f"- Date: {agg.get('date', '?')}",
-              f"- Seeds: {cfg.get('seeds')}; every cell is mean ± std (sample std, ddof 1) over the seeds that finished (n per method below)."]
+              f"- Seeds: {cfg.get('seeds')}; below the paired table every cell is mean ± std (sample std, ddof 1) over the seeds that finished (n per method)."]
     lines += [f"- {n}" for n in notes]
     lines += ["", "FPR@95 is OOD-positive (OpenOOD v1.5 / the paper), in %; lower is better. AUROC in %, higher is better.", ""]
     if not methods:
         return "\n".join(lines + ["No (method, seed) run has finished yet."]) + "\n"
-    lines += ["## Summary: all OOD sets", "",
-              "| method | n | init | epochs | ID acc ↑ | " + " | ".join(f"{s.upper()} FPR@95 ↓ | {s.upper()} AUROC ↑" for s in main_scores) + " | s/epoch |",
-              "|---|---|---|---|---|" + "---|---|" * len(main_scores) + "---|"]
-    for name, m in methods.items():
-        cells = [name, str(m["id_accuracy"]["n"]), m["init"], str(m["epochs"]), _ms(m["id_accuracy"])]
-        for s in main_scores:
-            a = m["scores"].get(s, {}).get("all")
+    paired = {n: m for n, m in agg.get("paired", {}).get("methods", {}).items() if m["id_accuracy"]["n"]}
+    if paired:
+        lines += _paired_table(agg["paired"]["delta_vs"], paired, main_scores, [g for g in ("oe_disjoint", "all") if g == "all" or g in oe]) + [""]
+    rows = dict(methods)
+    if "teacher" in agg:
+        rows["teacher (ceiling, n=1)"] = agg["teacher"]
+    groups = [g for g in ("oe_disjoint", "oe_overlap") if g in oe] or ["all"]
+    if "oe_disjoint" in oe:
+        lines += [f"## Summary: OE-disjoint sets ({', '.join(oe['oe_disjoint'])})", ""]
+        if "oe_overlap" in oe:
+            lines += [f"Beside it, marked OE-overlap: the sets sharing a source family with the OE pool ({', '.join(oe['oe_overlap'])}), "
+                      "whose distribution outlier-exposure methods have trained on.", ""]
+    else:
+        lines += ["## Summary: all OOD sets", ""]
+    cols = [(s, g) for g in groups for s in main_scores]
+    lines += ["| method | n | init | epochs | ID acc ↑ | " + " | ".join(f"{s.upper()} FPR@95 ↓ ({GROUP_TITLES[g]}) | {s.upper()} AUROC ↑ ({GROUP_TITLES[g]})" for s, g in cols) + " | s/epoch |",
+              "|---|---|---|---|---|" + "---|---|" * len(cols) + "---|"]
+    for name, m in rows.items():
+        cells = [name, str(m["id_accuracy"]["n"]), m.get("init", "-"), str(m.get("epochs", "-")), _ms(m["id_accuracy"])]
+        for s, g in cols:
+            a = m["scores"].get(s, {}).get(g)
             cells += [_ms(a["fpr95"]) if a else "-", _ms(a["auroc"]) if a else "-"]
-        cells.append(_ms(m["seconds_per_epoch"], 1))
+        cells.append(_ms(m.get("seconds_per_epoch"), 1))
         lines.append("| " + " | ".join(cells) + " |")
+    for group, title in (("all", "All OOD sets (mean of every set)"), ("near", "Near OOD (mean of the near sets)"), ("far", "Far OOD (mean of the far sets)")):
+        if group == "all" and groups == ["all"]:
+            continue
+        lines += ["", f"## {title}", ""]
+        lines += _fpr_auroc_table({n: {s: e.get(group) for s, e in m["scores"].items()} for n, m in rows.items()}, main_scores)
     if any("ood_val" in m for m in methods.values()):
         lines += ["", "## OOD-val (what defaults are chosen on; never the test sets)", ""]
         lines += _fpr_auroc_table({n: m["ood_val"] for n, m in methods.items() if "ood_val" in m}, main_scores)
@@ -206,9 +258,6 @@ def bench_markdown(agg: Dict[str, Any], main_scores: Sequence[str], notes: Seque
             ranked = sorted(((m["ood_val"][s]["auroc"]["mean"], n) for n, m in methods.items() if "ood_val" in m and s in m["ood_val"]), reverse=True)
             if ranked:
                 lines.append(f"\nBest on OOD-val by {s.upper()} AUROC: **{ranked[0][1]}** ({ranked[0][0]:.2f}).")
-    for group in ("near", "far"):
-        lines += ["", f"## {group.capitalize()} OOD (mean of the {group} sets)", ""]
-        lines += _fpr_auroc_table({n: {s: e.get(group) for s, e in m["scores"].items()} for n, m in methods.items()}, main_scores)
     for s in main_scores:
         first = next((m["scores"][s] for m in methods.values() if s in m["scores"]), None)
         if first is None:
