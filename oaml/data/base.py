@@ -263,6 +263,20 @@ def seeded_split(labels: np.ndarray, n_holdout: int, seed: int, stratified: bool
     return np.flatnonzero(mask), holdout
 
 
+def stratified_subset(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """All indices, or a seeded class-stratified subset of ``limit`` (sorted, deterministic).
+
+    The one selection behind every ``train_limit``: the teacher fine-tune and the students pick
+    the same images for the same (labels, limit, seed).
+    """
+    n = len(labels)
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit <= 0:
+        raise ConfigError(f"a subset limit must be positive, got {limit}")
+    return seeded_split(labels, limit, seed)[1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Dataset specs
 # ----------------------------------------------------------------------------------------------

