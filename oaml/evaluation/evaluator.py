@@ -1,9 +1,11 @@
 """One object that takes a classifier and a benchmark to a results table.
 
-Features of every split are extracted once (and cached on disk per checkpoint), every
-feature-based score fits on its stated ID split and scores from those features; ODIN and Gram
-get the model and a loader. Metrics are computed per OOD set and averaged (plain means) over
-the near, far and all groups. Values in the results are percentages.
+Features of every split are extracted once (and cached on disk per checkpoint and dataset
+content), every feature-based score fits on its stated ID split and scores from those features;
+ODIN and Gram get the model and a loader. Metrics are computed per OOD set and averaged (plain
+means) over the near, far and all groups. Values in the results are percentages. A score that
+needs what the model does not expose (a linear head, feature maps) is skipped, with the reason,
+under ``results["skipped"]``.
 """
 
 from __future__ import annotations
@@ -12,16 +14,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 from ..utils.device import resolve_device
-from .features import FeatureCache, PreprocessedLoader, extract_features
+from .features import FeatureCache, PreprocessedLoader, dataset_fingerprint, extract_features
 from .metrics import ood_metrics
 
 log = logging.getLogger(__name__)
@@ -78,11 +80,6 @@ class Evaluator:
     ):
         from ..scores import SCORES
 
-        for s in scores:
-            SCORES.get(s)  # unknown names fail here, before any work
-        for s in score_kwargs or {}:
-            if s not in scores:
-                raise ConfigError(f"score settings given for {s!r}, which is not among the scores evaluated ({', '.join(scores)})")
         if not ood_sets:
             raise ConfigError("no OOD sets to evaluate against")
         names = [o.name for o in ood_sets]
@@ -108,6 +105,7 @@ class Evaluator:
         self.ood_val = list(ood_val)
         self.search = dict(search or {})
         self.search_metric = search_metric
+        self._check_scores()
         for name in self.search:
             if name not in self.score_names:
                 raise ConfigError(f"a search grid is given for {name!r}, which is not among the scores evaluated")
@@ -118,15 +116,40 @@ class Evaluator:
         self._feats: Dict[str, Any] = {}
         self.timings: Dict[str, float] = {}
 
+    def _check_scores(self) -> None:
+        """Every unknown score name, stray setting and bad setting (first grid values included) at
+        once, before any work."""
+        from ..scores import create_score
+
+        problems = []
+        for name in self.score_names:
+            try:
+                grid = {p: v[0] for p, v in self.search.get(name, {}).items() if v}
+                create_score(name, **{**self._score_kwargs(name), **grid})
+            except ConfigError as exc:
+                problems.append(str(exc))
+        problems += [f"score settings given for {s!r}, which is not among the scores evaluated ({', '.join(self.score_names)})"
+                     for s in self.score_kwargs if s not in self.score_names]
+        if problems:
+            raise ConfigError("; ".join(problems))
+
     # ---------------------------------------------------------------------------------------
     def features(self, key: str, dataset: Dataset):
         if key not in self._feats:
             compute = lambda: extract_features(  # noqa: E731
                 self.model, self.preprocess, dataset, self.batch_size, self.device, self.progress, desc=key
             )
-            meta = {"count": len(dataset), "preprocess": getattr(self.preprocess, "config", lambda: {})()}  # type: ignore[arg-type]
-            self._feats[key] = self.cache.get_or_compute(key, meta, compute) if self.cache else compute()
+            meta = {"count": len(dataset), "preprocess": getattr(self.preprocess, "config", lambda: {})(),  # type: ignore[arg-type]
+                    "content": dataset_fingerprint(dataset) if self.cache else None}
+            self._feats[key] = self.cache.get_or_compute(key, meta, compute) if meta["content"] else compute()
         return self._feats[key]
+
+    def _head(self):
+        """``(W, b)`` of the model's last linear layer on the CPU and ``None``, or ``None`` and why not."""
+        try:
+            return tuple(t.detach().cpu() if t is not None else None for t in self.model.fc_weights()), None  # type: ignore[operator]
+        except (NotImplementedError, ShapeError) as exc:
+            return None, str(exc)
 
     def _score_kwargs(self, name: str) -> Dict[str, Any]:
         """The user's settings; a score that perturbs inputs in pixel units (ODIN's ``std``)
@@ -145,9 +168,35 @@ class Evaluator:
     def _loader(self, dataset: Dataset) -> PreprocessedLoader:
         return PreprocessedLoader(dataset, self.preprocess, min(self.batch_size, 256), self.device)
 
-    def run(self) -> Dict[str, Any]:
+    def _score(self, name: str, head, test, ood_feats) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        """Fit score ``name`` (or search its grid) and score ID test and every OOD set."""
         from ..scores import create_score
         from ..scores.search import search_hyperparameters
+
+        score = create_score(name, **self._score_kwargs(name))
+        fit_split = {"train": "id_train", "val": "id_val"}.get(score.fit_on)
+        fit_data = self.features(fit_split, self.splits[fit_split]) if fit_split else None
+        if score.requires_model:
+            loader = self._loader(self.splits[fit_split]) if fit_split else None
+            score.fit(fit_data, model=self.model, loader=loader, head=head)
+            s_id = score.score(test, model=self.model, loader=self._loader(self.splits["id_test"]))
+            return s_id, {o.name: score.score(ood_feats[o.name], model=self.model, loader=self._loader(o.dataset)) for o in self.ood_sets}
+        if name in self.search:
+            val = self.features("id_val", self.splits["id_val"])
+            oodv = {o.name: self.features(f"oodval_{o.name}", o.dataset) for o in self.ood_val}
+            found = search_hyperparameters(
+                name, self.search[name], id_val=val, ood_val=oodv, fit_data=fit_data, head=head,
+                metric=self.search_metric, fixed=self.score_kwargs.get(name),
+            )
+            score = found.best_score
+            self.chosen[name] = {"params": found.best_params, "val_" + found.metric: 100 * found.best_value}
+            log.info("%s: chosen on ID-val vs OOD-val: %s", name, found.best_params)
+        else:
+            score.fit(fit_data, head=head)
+        return score.score(test), {k: score.score(v) for k, v in ood_feats.items()}
+
+    def run(self) -> Dict[str, Any]:
+        from ..scores import SCORES
 
         self.chosen: Dict[str, Any] = {}
         t0 = time.time()
@@ -155,35 +204,19 @@ class Evaluator:
         id_acc = float((test.logits.argmax(1) == test.labels).double().mean()) * 100
         ood_feats = {o.name: self.features(f"ood_{o.name}", o.dataset) for o in self.ood_sets}
         self.timings["features"] = time.time() - t0
-        head = tuple(t.detach().cpu() if t is not None else None for t in self.model.fc_weights())  # type: ignore[operator]
-        results: Dict[str, Any] = {"benchmark": self.benchmark, "id_accuracy": id_acc, "scores": {}}
+        head, no_head = self._head()
+        results: Dict[str, Any] = {"benchmark": self.benchmark, "id_accuracy": id_acc, "scores": {}, "skipped": {}}
         self.raw_scores: Dict[str, Dict[str, np.ndarray]] = {}
         for name in self.score_names:
             t1 = time.time()
-            score = create_score(name, **self._score_kwargs(name))
-            fit_split = {"train": "id_train", "val": "id_val"}.get(score.fit_on)
-            fit_data = self.features(fit_split, self.splits[fit_split]) if fit_split else None
-            if score.requires_model:
-                loader = self._loader(self.splits[fit_split]) if fit_split else None
-                score.fit(fit_data, model=self.model, loader=loader, head=head)
-                s_id = score.score(test, model=self.model, loader=self._loader(self.splits["id_test"]))
-                s_ood = {o.name: score.score(ood_feats[o.name], model=self.model, loader=self._loader(o.dataset)) for o in self.ood_sets}
-            elif name in self.search:
-                val = self.features("id_val", self.splits["id_val"])
-                oodv = {o.name: self.features(f"oodval_{o.name}", o.dataset) for o in self.ood_val}
-                found = search_hyperparameters(
-                    name, self.search[name], id_val=val, ood_val=oodv, fit_data=fit_data, head=head,
-                    metric=self.search_metric, fixed=self.score_kwargs.get(name),
-                )
-                score = found.best_score
-                self.chosen[name] = {"params": found.best_params, "val_" + found.metric: 100 * found.best_value}
-                log.info("%s: chosen on ID-val vs OOD-val: %s", name, found.best_params)
-                s_id = score.score(test)
-                s_ood = {k: score.score(v) for k, v in ood_feats.items()}
-            else:
-                score.fit(fit_data, head=head)
-                s_id = score.score(test)
-                s_ood = {k: score.score(v) for k, v in ood_feats.items()}
+            try:
+                if no_head and SCORES.get(name).needs_head:
+                    raise NotImplementedError(f"it needs the last linear layer ({no_head})")
+                s_id, s_ood = self._score(name, head, test, ood_feats)
+            except NotImplementedError as exc:  # the model lacks what this score needs
+                results["skipped"][name] = f"{name} cannot run on this model: {exc}"
+                log.warning("%s skipped: %s", name, results["skipped"][name])
+                continue
             self.raw_scores[name] = {"id_test": np.asarray(s_id, np.float64), **{k: np.asarray(v, np.float64) for k, v in s_ood.items()}}
             per_set = {}
             for o in self.ood_sets:

@@ -1,24 +1,29 @@
 """Feature cache: logits and penultimate features, extracted once per (checkpoint, dataset split).
 
 Every feature-based score fits and predicts from these; only the input-gradient / feature-map
-scores (ODIN, Gram) need the model again. Entries are safetensors files whose metadata records
-the checkpoint's sha256, the dataset, the split, the preprocessing and the count, so a stale
-entry (other checkpoint, other preprocessing) is never reused.
+scores (ODIN, Gram) need the model again. Entries are safetensors files named and stamped by the
+checkpoint's sha256, the split, the preprocessing, the count and the dataset's content
+(:func:`dataset_fingerprint`: file paths, sizes and mtimes, or the bytes of in-memory images),
+so a stale entry (other checkpoint, other preprocessing, other images under the same name) is
+never reused, and one cache folder can serve any number of runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from ..errors import NonFiniteError
+from ..errors import DataError, NonFiniteError
 from ..utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -68,22 +73,108 @@ def extract_features(
     return fs
 
 
+def _parts(ds: Dataset) -> Iterator[tuple]:
+    """A dataset as a pre-order list of nodes: wrappers with their settings, then leaves (in-memory
+    images, or image files), or ``("unknown", type)`` for a dataset of a kind not known here."""
+    from ..data.base import ConvertedDataset
+
+    if isinstance(getattr(ds, "images", None), torch.Tensor):  # TensorImageDataset, ArrayDataset, subsets of them
+        yield ("tensor", ds.images, getattr(ds, "labels", None))  # type: ignore[attr-defined]
+    elif isinstance(getattr(ds, "samples", None), list) and hasattr(ds, "channels"):  # folders, image lists
+        yield ("files", ds.channels, ds.samples)  # type: ignore[attr-defined]
+    elif isinstance(ds, ConvertedDataset):
+        yield ("convert", ds.image_size, ds.channels, ds.pre_size, ds.ood)
+        yield from _parts(ds.base)
+    elif isinstance(ds, Subset):
+        yield ("subset", [int(i) for i in ds.indices])
+        yield from _parts(ds.dataset)
+    elif isinstance(ds, ConcatDataset):
+        yield ("concat", len(ds.datasets))
+        for d in ds.datasets:
+            yield from _parts(d)
+    else:
+        yield ("unknown", type(ds).__qualname__)
+
+
+def dataset_fingerprint(ds: Dataset) -> Optional[str]:
+    """sha256 of what ``ds`` yields: for image files their paths, labels, sizes and mtimes; for
+    in-memory images the bytes of images and labels; plus every conversion and subset on the way.
+    ``None`` for a dataset of an unknown kind (then nothing of it is cached)."""
+    h = hashlib.sha256()
+    for part in _parts(ds):
+        kind = part[0]
+        if kind == "unknown":
+            return None
+        if kind == "tensor":
+            for t in part[1:]:
+                a = np.ascontiguousarray(torch.as_tensor(t).detach().cpu().numpy()) if t is not None else np.empty(0)
+                h.update(f"{a.dtype}{a.shape}".encode())
+                h.update(a.view(np.uint8).reshape(-1))
+        elif kind == "files":
+            h.update(f"files channels={part[1]}\n".encode())
+            for path, label in part[2]:
+                try:
+                    st = os.stat(path)
+                    stamp = f"{st.st_size} {st.st_mtime_ns}"
+                except OSError:
+                    stamp = "missing"
+                h.update(f"{path}\0{label}\0{stamp}\n".encode())
+        else:
+            h.update(json.dumps(part).encode())
+    return h.hexdigest()
+
+
+def image_files(datasets: Iterable[Dataset]) -> List[Path]:
+    """Every image file the datasets read (each once, in order)."""
+    seen: Dict[Path, None] = {}
+    for ds in datasets:
+        for part in _parts(ds):
+            if part[0] == "files":
+                seen.update((Path(p), None) for p, _ in part[2])
+    return list(seen)
+
+
+def check_image_files(datasets: Iterable[Dataset], progress: bool = False) -> None:
+    """Open every image file of ``datasets`` (header and structure, no full decode) before any
+    work; a DataError names every one that fails, and each is logged."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    files, bad = image_files(datasets), []
+    for path in tqdm(files, desc="checking image files", disable=not progress or len(files) < 2000, leave=False):
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as exc:  # PIL raises many types for broken files
+            bad.append(path)
+            log.warning("unreadable image file %s: %s: %s", path, type(exc).__name__, exc)
+    if bad:
+        shown = ", ".join(str(p) for p in bad[:20]) + (f" and {len(bad) - 20} more (all logged above)" if len(bad) > 20 else "")
+        raise DataError(
+            f"{len(bad)} of {len(files)} image files cannot be read: {shown}. "
+            "Replace or delete them, or pass skip_bad=True (CLI: --skip-bad) to drop unreadable files"
+        )
+
+
 class FeatureCache:
-    """On-disk cache of :class:`FeatureSet` per (model identity, dataset, split, preprocessing)."""
+    """On-disk cache of :class:`FeatureSet` per (model identity, split, everything in ``meta``:
+    preprocessing, count, the dataset's content fingerprint); the file name holds a digest of all
+    of it, so entries of other content never share a file."""
 
     def __init__(self, root: str | Path, model_id: str):
         self.root = Path(root)
         self.model_id = model_id
 
-    def _path(self, key: str) -> Path:
+    def _path(self, key: str, want: Dict[str, str]) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-        return self.root / self.model_id[:16] / f"{safe}.safetensors"
+        digest = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:16]
+        return self.root / self.model_id[:16] / f"{safe}-{digest}.safetensors"
 
     def get_or_compute(self, key: str, meta: Dict[str, Any], compute) -> Any:
         from ..scores.base import FeatureSet
 
-        path = self._path(key)
         want = {"model_id": self.model_id, "key": key, **{k: json.dumps(v, sort_keys=True) for k, v in meta.items()}}
+        path = self._path(key, want)
         if path.is_file():
             try:
                 from safetensors import safe_open

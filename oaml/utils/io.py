@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,14 +15,25 @@ from typing import Any, Iterator
 import numpy as np
 
 
+def _new_file(folder: Path, prefix: str, suffix: str = ".tmp") -> Path:
+    """Create an empty file of a fresh name in ``folder`` with mode 0666 less the umask (the
+    kernel applies it; ``tempfile.mkstemp`` would make every output 0600)."""
+    while True:
+        path = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+    The file gets the permissions the umask gives a new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_file(path.parent, f".{path.name}.")
     try:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
@@ -82,13 +95,14 @@ def _fmt_bytes(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def check_writable(folder: str | Path, need_bytes: int = 0) -> Path:
+def check_writable(folder: str | Path, need_bytes: int = 0, create: bool = True) -> Path:
     """Fail early, before long work, if ``folder`` cannot be written or lacks ``need_bytes`` free.
 
     Compares the free space of the file system that will hold ``folder`` with ``need_bytes`` (an
     estimate of what the job will write; at least :data:`MIN_FREE_BYTES`) before creating
-    anything, then creates ``folder`` and writes and deletes a probe file in it. Raises
-    :class:`~oaml.errors.OamlError` naming the folder and the problem.
+    anything, then creates ``folder`` and writes and deletes a probe file in it. With
+    ``create=False`` nothing is created: the probe goes to the deepest folder that exists on the
+    way to ``folder``. Raises :class:`~oaml.errors.OamlError` naming the folder and the problem.
     """
     from ..errors import OamlError
 
@@ -106,11 +120,52 @@ def check_writable(folder: str | Path, need_bytes: int = 0) -> Path:
             f"{_fmt_bytes(need_bytes)}; free some space or choose another --out"
         )
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".oaml-write-test"):
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder if create else existing, prefix=".oaml-write-test"):
             pass
     except OSError as exc:
         raise OamlError(
             f"output folder {folder} is not writable ({exc.strerror or exc}); fix its permissions or choose another --out"
         ) from None
     return folder
+
+
+#: In a folder oaml writes a report into: the files (relative paths) the last report wrote there.
+OUTPUTS_MANIFEST = ".oaml-outputs.json"
+
+
+@contextlib.contextmanager
+def replace_outputs(out: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder for a job's outputs; publish them into ``out`` at the end.
+
+    When the block succeeds, every file written under the staging folder is moved onto the same
+    relative path under ``out`` (``os.replace``, each atomic; ``results.json`` last), the files
+    the previous report listed in ``out/.oaml-outputs.json`` and did not write again are deleted,
+    and the list is updated. Files oaml did not write are never touched. When the block fails,
+    the staging folder goes, and so does ``out`` if this call created it (it then holds only
+    what this job wrote).
+    """
+    out = Path(out)
+    created = next((p for p in [*reversed(out.parents), out] if not p.exists()), None)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".oaml-staging-", dir=out))
+    try:
+        yield stage
+        new = sorted((p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()),
+                     key=lambda rel: rel == "results.json")
+        for rel in new:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, out / rel)
+        manifest = out / OUTPUTS_MANIFEST
+        old = read_json(manifest) if manifest.is_file() else []
+        write_json(manifest, new)
+        for rel in set(old) - set(new):
+            if not Path(rel).is_absolute() and ".." not in Path(rel).parts:
+                (out / rel).unlink(missing_ok=True)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
