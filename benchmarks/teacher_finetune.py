@@ -27,6 +27,10 @@ def main() -> None:
     ap.add_argument("epochs", type=int)
     ap.add_argument("train_limit", type=int)
     ap.add_argument("lr", type=float)
+    ap.add_argument("--augment", action="store_true", help="random horizontal flips (no cached activations)")
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--benchmark", default="fmnist")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teacher_finetune.jsonl"))
     a = ap.parse_args()
 
@@ -34,13 +38,15 @@ def main() -> None:
     from oaml.models.finetune import FinetuneConfig, finetune_teacher
     from oaml.models.teachers import TeacherConfig, load_teacher
 
-    bench = get_benchmark("fmnist")
+    bench = get_benchmark(a.benchmark)
     teacher = load_teacher(TeacherConfig.from_dict({"name": "efficientnet_lite0", "preprocess": {"size": a.size}}))
     blocks = None if a.train_blocks == "None" else int(a.train_blocks)
-    cfg = FinetuneConfig(epochs=a.epochs, head_lr=a.lr, backbone_lr=a.lr, train_blocks=blocks, train_limit=a.train_limit, progress=False)
+    cfg = FinetuneConfig(epochs=a.epochs, head_lr=a.lr, backbone_lr=a.lr, train_blocks=blocks, train_limit=a.train_limit, progress=False,
+                         augment=a.augment, cache=not a.augment, label_smoothing=a.label_smoothing, weight_decay=a.weight_decay)
     t0 = time.time()
-    r = finetune_teacher(teacher, bench.id_train(None), bench.id_val(None), cfg, out_path=None, num_classes=10)
-    row = {"size": a.size, "train_blocks": blocks, "epochs": a.epochs, "train_limit": a.train_limit, "lr": a.lr,
+    r = finetune_teacher(teacher, bench.id_train(None), bench.id_val(None), cfg, out_path=None, num_classes=bench.num_classes)
+    row = {"benchmark": a.benchmark, "augment": a.augment, "label_smoothing": a.label_smoothing,
+           "weight_decay": a.weight_decay, "size": a.size, "train_blocks": blocks, "epochs": a.epochs, "train_limit": a.train_limit, "lr": a.lr,
            "best_val_accuracy": r.get("val_accuracy"), "val_per_epoch": [h["val_acc"] for h in r.get("history", [])],
            "seconds": time.time() - t0, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

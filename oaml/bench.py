@@ -56,6 +56,7 @@ class BenchRun(StrictModel):
     init: Literal["vanilla", "scratch"] = "vanilla"  # start from the seed's vanilla checkpoint, or from scratch
     optim: Optional[OptimConfig] = None  # None: pipeline.oaml.optim (init vanilla) / pipeline.vanilla.optim (scratch)
     description: str = ""
+    seeds: Optional[List[int]] = None  # run on those of the grid's seeds that are in this list (None: all of them)
 
 
 class BenchConfig(StrictModel):
@@ -223,6 +224,8 @@ class Bench:
             vanilla_ckpt = p.train("vanilla", cfg.pipeline.vanilla)
             p.evaluate("vanilla", vanilla_ckpt)
             for name, spec in cfg.methods.items():
+                if spec.seeds is not None and seed not in spec.seeds:
+                    continue
                 default = cfg.pipeline.oaml.optim if spec.init == "vanilla" else cfg.pipeline.vanilla.optim
                 run = StudentRunConfig(optim=spec.optim or default, method=spec.method)
                 log.info("=== bench: %s, seed %d", name, seed)

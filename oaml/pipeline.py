@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .config import StrictModel
 from .errors import ConfigError
 from .models.finetune import FinetuneConfig
 from .models.preprocess import PreprocessConfig
+from .outliers.images import ImageOutlierConfig
 from .outliers.knn import KNNSamplerConfig
 from .training.config import AugmentConfig, OptimConfig, StudentConfig, TrainConfig
 from .training.methods import MethodConfig
@@ -40,7 +41,8 @@ class TeacherStageConfig(StrictModel):
     size: Optional[int] = 48  # teacher input size (None: the teacher's default)
     # offline default: the last 3 stages + head of Lite0 at 48 px, 2 epochs on 20k images: 91.7% val,
     # above the student's ~90% (at 32 px it reached only 89.6% after 3 epochs, head-only ~77%)
-    finetune: FinetuneConfig = FinetuneConfig(epochs=2, head_lr=1e-3, backbone_lr=1e-3, train_blocks=3, train_limit=20000)
+    # train_limit is always the pipeline's: the teacher is fine-tuned on the students' subset
+    finetune: FinetuneConfig = FinetuneConfig(epochs=2, head_lr=1e-3, backbone_lr=1e-3, train_blocks=3, train_limit=None)
 
 
 class BankStageConfig(StrictModel):
@@ -87,10 +89,11 @@ class PipelineConfig(StrictModel):
     device: str = "auto"
     teacher: TeacherStageConfig = TeacherStageConfig()
     bank: BankStageConfig = BankStageConfig()
-    sampler: KNNSamplerConfig = KNNSamplerConfig(R=4, features_per_class=500)  # 500 per class, as the authors' banks
+    sampler: KNNSamplerConfig = KNNSamplerConfig(R=4, features_per_class=500, sigma_reference_dim=768)  # 500 per class, as the authors' banks; noise scaled to the width as at 768-d
     generator: GeneratorStageConfig = GeneratorStageConfig(
         settings={"train": {"train_steps": 1000}, "feature_diffusion": {"strength": 0.5, "steps": 25}}
     )
+    image_outliers: ImageOutlierConfig = ImageOutlierConfig()  # teacher-selected image outliers (method oaml)
     student: StudentConfig = StudentConfig(name="resnet18", width=0.25)
     preprocess: PreprocessConfig = PreprocessConfig(channels=1, mean=[0.2860], std=[0.3530])
     batch_size: int = Field(128, ge=2)
@@ -101,6 +104,14 @@ class PipelineConfig(StrictModel):
     continuation: bool = True  # also train vanilla for the OAML epochs from the same start (fair comparison)
     eval: EvalStageConfig = EvalStageConfig()
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _one_subset(self) -> "PipelineConfig":
+        ft = self.teacher.finetune.train_limit
+        if ft is not None and ft != self.train_limit:
+            raise ValueError(f"teacher.finetune.train_limit={ft} differs from train_limit={self.train_limit}: the teacher is "
+                             "fine-tuned on the students' training subset; remove teacher.finetune.train_limit")
+        return self
 
     @classmethod
     def from_dict(cls, data: Optional[Dict[str, Any]], source: str = "config") -> "PipelineConfig":
@@ -116,16 +127,17 @@ def _deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _train_config(cfg: PipelineConfig, run: StudentRunConfig, init: Optional[str], teacher_ckpt: Optional[str], banks: Dict[str, str]) -> TrainConfig:
+def _train_config(cfg: PipelineConfig, run: StudentRunConfig, init: Optional[str], teacher_ckpt: Optional[str],
+                  banks: Dict[str, str], subset_seed: int) -> TrainConfig:
     return TrainConfig.from_dict({
-        "data": {"benchmark": cfg.benchmark, "root": cfg.root, "train_limit": cfg.train_limit,
+        "data": {"benchmark": cfg.benchmark, "root": cfg.root, "train_limit": cfg.train_limit, "subset_seed": subset_seed,
                  "batch_size": cfg.batch_size, "augment": cfg.augment.model_dump()},
         "student": {**cfg.student.model_dump(), "init_checkpoint": init},
         "preprocess": cfg.preprocess.model_dump(),
         "optim": run.optim.model_dump(),
         "method": run.method.model_dump(),
         "teacher": {"checkpoint": teacher_ckpt, "cache": True},
-        "outliers": {"cood_bank": banks.get("cood"), "dood_bank": banks.get("dood")},
+        "outliers": {"cood_bank": banks.get("cood"), "dood_bank": banks.get("dood"), "image_outliers": banks.get("image_outliers")},
         "seed": cfg.seed,
         "device": cfg.device,
         "progress": cfg.progress,
@@ -167,13 +179,21 @@ class Pipeline:
             from .utils.device import resolve_device
 
             teacher = load_teacher(TeacherConfig.from_dict(tcfg), device=resolve_device(cfg.device))
-            ft = cfg.teacher.finetune.model_copy(update={"device": cfg.device, "seed": cfg.seed, "progress": cfg.progress})
+            ft = cfg.teacher.finetune.model_copy(update={"device": cfg.device, "seed": cfg.seed, "progress": cfg.progress,
+                                                         "train_limit": cfg.train_limit})  # the students' subset
             finetune_teacher(teacher, bench.id_train(cfg.root), bench.id_val(cfg.root), ft, out_path=path,
                              num_classes=bench.num_classes, dataset_info={"dataset": bench.id_dataset, "split": "train"})
             self.times["teacher"] = time.time() - t0
         self._teacher = load_teacher_checkpoint(path, device=cfg.device)
         self.teacher_path = path
         return self._teacher
+
+    def _train_subset(self):
+        """The ID training images of the students, the teacher's fine-tune, the bank and the image outliers."""
+        from .data import get_benchmark
+        from .training.build import limited
+
+        return limited(get_benchmark(self.cfg.benchmark).id_train(self.cfg.root), self.cfg.train_limit, self.cfg.seed)
 
     def bank(self) -> Path:
         from .data import get_benchmark
@@ -186,7 +206,7 @@ class Pipeline:
         t0 = self._stage("ID feature bank")
         bench = get_benchmark(self.cfg.benchmark)
         extract_feature_bank(
-            self.teacher(), bench.id_train(self.cfg.root), path, batch_size=self.cfg.bank.batch_size,
+            self.teacher(), self._train_subset(), path, batch_size=self.cfg.bank.batch_size,
             per_class_limit=self.cfg.bank.per_class, dataset_name=bench.id_dataset, split="train",
             seed=self.cfg.seed, progress=self.cfg.progress,
         )
@@ -224,6 +244,22 @@ class Pipeline:
         self.times["dood"] = time.time() - t0
         return path
 
+    def image_outliers(self) -> Path:
+        from .outliers.images import build_image_outliers, complete
+
+        path = self.out / "banks" / "image_outliers"
+        if complete(path):
+            return path
+        teacher, id_bank = self.teacher(), self.bank()
+        t0 = self._stage("teacher-selected image outliers")
+        from .data import get_benchmark
+
+        train = self._train_subset()
+        cfg = self.cfg.image_outliers.model_copy(update={"seed": self.cfg.seed})
+        build_image_outliers(teacher, train, id_bank, path, cfg, progress=self.cfg.progress)
+        self.times["image_outliers"] = time.time() - t0
+        return path
+
     def train(self, name: str, run: StudentRunConfig, init: Optional[str] = None) -> Path:
         from .training.build import build_trainer, method_requirements
         from .training.config import check_same_config
@@ -243,8 +279,11 @@ class Pipeline:
             if d is None:
                 raise ConfigError(f"method {run.method.name!r} uses D-OOD but generator.enabled is false; set method.terms.mi_dood.weight: 0")
             banks["dood"] = str(d)
+        if "image_outliers" in req:
+            banks["image_outliers"] = str(src.image_outliers())
         teacher = src.teacher() if "teacher" in req else None
-        tcfg = _train_config(self.cfg, run, init, str(src.teacher_path) if teacher else None, banks)
+        # every student trains on the subset the teacher was fine-tuned on (the shared artefacts' seed)
+        tcfg = _train_config(self.cfg, run, init, str(src.teacher_path) if teacher else None, banks, src.cfg.seed)
         if (out / "last.pt").is_file() or (out / "summary.json").is_file():  # only trained state is protected
             check_same_config(out, tcfg)
         prev = out / "config.yaml"

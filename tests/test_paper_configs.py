@@ -26,7 +26,11 @@ def test_cifar10_paper_config_trains_one_step(tmp_path, monkeypatch):
     monkeypatch.setattr(get_dataset_spec("cifar10"), "holdout_from_test", 10)
     cfg = PipelineConfig.from_yaml(CONFIGS / "cifar10.yaml")
     cfg = cfg.model_copy(update={"root": str(tmp_path / "data"), "batch_size": 5, "train_limit": 10})
-    run = cfg.oaml.model_copy(update={"optim": cfg.oaml.optim.model_copy(update={"epochs": 1})})
+    # the paper's loss (the bench grid's oaml-paper) with the paper config's schedule; one warm-up batch
+    from oaml.training.methods import MethodConfig
+
+    run = cfg.oaml.model_copy(update={"optim": cfg.oaml.optim.model_copy(update={"epochs": 1}),
+                                      "method": MethodConfig(name="oaml-paper", warmup_steps=1)})
 
     teacher = load_teacher(TeacherConfig.from_dict({"name": "vit_b16", "pretrained": False, "num_classes": 10,
                                                     "preprocess": {"size": cfg.teacher.size}}))
@@ -35,7 +39,7 @@ def test_cifar10_paper_config_trains_one_step(tmp_path, monkeypatch):
     labels = np.repeat(np.arange(10), 4)
     banks = {k: str(write_bank(tmp_path / k, rng.normal(size=(40, 768)), labels, kind=k).path) for k in ("cood", "dood")}
 
-    tcfg = _train_config(cfg, run, None, None, banks)
+    tcfg = _train_config(cfg, run, None, None, banks, subset_seed=0)
     assert tcfg.preprocess.size == 224 and tcfg.student.stem == "imagenet" and tcfg.data.augment.flip
     trainer = build_trainer(tcfg, tmp_path / "run", teacher=teacher)
     assert not getattr(trainer.teacher, "cached", False)  # augmentation on: the teacher runs live

@@ -3,7 +3,9 @@
 - :mod:`oaml.losses.distill`: logit KD, feature KD, the domain-transfer MLP (DT).
 - :mod:`oaml.losses.club`: CLUB MI upper bound (fitted / reference modes) and outlier pairing.
 - :mod:`oaml.losses.outlier`: OE, energy margin, LogitNorm, VOS, MixOE, class feature queue.
-- :mod:`oaml.losses.total`: :class:`OAMLLossConfig`, :class:`LossCombiner`, :class:`OAMLCriterion`.
+
+The weighted sum of the terms lives in the one training loop (:class:`oaml.training.Trainer`,
+each term a registered :class:`oaml.training.Term`), not here.
 """
 
 from .club import CLUB, OutlierPairer, club_negative_term, gaussian_log_likelihood, pair_outliers, pool_outliers
@@ -20,12 +22,10 @@ from .outlier import (
     vos_uncertainty_loss,
     weighted_energy,
 )
-from .total import TERM_NAMES, LossCombiner, OAMLCriterion, OAMLLossConfig
 
 __all__ = [
     "CLUB", "OutlierPairer", "club_negative_term", "gaussian_log_likelihood", "pair_outliers", "pool_outliers",
     "TransferMLP", "feature_kd", "logit_kd",
     "ClassFeatureQueue", "LogitNormLoss", "VOSUncertaintyLoss", "energy", "energy_margin_loss", "mixoe_loss",
     "mixoe_targets", "oe_loss", "vos_uncertainty_loss", "weighted_energy",
-    "TERM_NAMES", "LossCombiner", "OAMLCriterion", "OAMLLossConfig",
 ]

@@ -80,6 +80,12 @@ class KNNSamplerConfig(StrictModel):
     S: int = Field(50, ge=1, description="boundary points per class (largest d_K)")
     N: int = Field(1500, ge=1, description="Gaussian candidates per boundary point")
     sigma: float = Field(0.07, gt=0, allow_inf_nan=False, description="std of the noise per dimension")
+    sigma_reference_dim: Optional[int] = Field(
+        None, ge=1,
+        description="scale the noise to the feature width: std = sigma * sqrt(sigma_reference_dim / D), so that "
+                    "candidates keep the cosine to their boundary point they have at that width (768: the paper's "
+                    "ViT-B/16, where sigma=0.07 was set); None = sigma as given",
+    )
     m: int = Field(2, ge=1, description="candidates kept per boundary point (largest d_K)")
     R: int = Field(10, ge=1, description="repeats; a class yields R*S*m vectors (authors: 10 C-10, 100 C-100, 25 IN-1k)")
     features_per_class: Optional[int] = Field(
@@ -142,6 +148,12 @@ class KNNSamplerConfig(StrictModel):
         if problems:
             raise ConfigError(f"invalid {source} ({type(self).__name__}):\n  " + "\n  ".join(problems))
 
+    def noise_std(self, D: int) -> float:
+        """The per-dimension noise std used for D-dimensional features."""
+        if self.sigma_reference_dim is None:
+            return self.sigma
+        return self.sigma * math.sqrt(self.sigma_reference_dim / D)
+
     @property
     def per_class(self) -> int:
         """Vectors produced per class: R * S * m."""
@@ -149,7 +161,7 @@ class KNNSamplerConfig(StrictModel):
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that determine the output (recorded in the bank; must match to resume)."""
-        keys = ["K", "S", "N", "sigma", "m", "R", "features_per_class", "seed", "rescale_norm", "reference_bugs",
+        keys = ["K", "S", "N", "sigma", "sigma_reference_dim", "m", "R", "features_per_class", "seed", "rescale_norm", "reference_bugs",
                 "noise_device"]
         out = {k: getattr(self, k) for k in keys}
         if self.faiss_index == "ivf":
@@ -436,7 +448,7 @@ def sample_class_outliers(Z: torch.Tensor, cfg: KNNSamplerConfig | None = None,
     Z = _normalise_class(Z)
     n, D = Z.shape
     K = _check_class(n, cfg, label, log_clamp=_log_clamp)
-    S, N, m, R, sigma = cfg.S, cfg.N, cfg.m, cfg.R, cfg.sigma
+    S, N, m, R, sigma = cfg.S, cfg.N, cfg.m, cfg.R, cfg.noise_std(D)
     ref = cfg.reference_bugs
     search, compute = _make_search(Z, cfg)
     noise_dev = torch.device("cpu") if cfg.noise_device == "cpu" else compute
@@ -532,6 +544,40 @@ def sample_class_outliers(Z: torch.Tensor, cfg: KNNSamplerConfig | None = None,
         vectors=vectors, K=K, boundary_index=boundary_index, boundary_dk=boundary_d2.sqrt(),
         centers=centers, kept_index=kept_index, kept_dk=kept_d2.sqrt(),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the C-OOD criterion as a test for any query
+# --------------------------------------------------------------------------------------------
+class ClassBoundary:
+    """The boundary criterion of the sampler, usable on any vectors (e.g. teacher features of
+    candidate outlier IMAGES, :mod:`oaml.outliers.images`).
+
+    On the L2-normalised class features ``Z``: ``radius`` is the class boundary's d_K, the smallest
+    K-th neighbour distance among the class's ``S`` boundary points (its S largest in-class d_K,
+    the point itself excluded), i.e. the d_K beyond which the sampler's boundary begins.
+    :meth:`kth_distance` gives the d_K of query rows against ``Z``; a query with
+    ``kth_distance > radius`` lies farther from the class than its boundary points do. Distances
+    come from the float32 search (no float64 rescoring): fine for a threshold, not for a
+    bit-exact ranking.
+    """
+
+    def __init__(self, Z: torch.Tensor, cfg: KNNSamplerConfig | None = None, label: str = "the class"):
+        cfg = cfg or KNNSamplerConfig()
+        Z = _normalise_class(Z)
+        self.K = _check_class(Z.shape[0], cfg, label, log_clamp=False)
+        self.search, self.device = _make_search(Z, cfg)
+        with _full_fp32():
+            own = self._d(Z, min(self.K + 1, Z.shape[0]))  # K-th neighbour with the point itself excluded
+        self.radius = float(torch.topk(own, cfg.S).values[-1])
+
+    def _d(self, Q: torch.Tensor, k: int) -> torch.Tensor:
+        return (2.0 - 2.0 * self.search.kth_sim(Q.to(self.device), k)).clamp_min(0).sqrt().float().cpu()
+
+    def kth_distance(self, Q: torch.Tensor) -> torch.Tensor:
+        """(n,) Euclidean d_K of the (normalised) rows of ``Q`` against the class."""
+        with _full_fp32():
+            return self._d(_normalise_class(Q), self.K)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,14 +19,12 @@ from .trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-def _limit(dataset, limit: Optional[int], seed: int):
+def limited(dataset, limit: Optional[int], seed: int):
     if limit is None or len(dataset) <= limit:
         return dataset
-    from ..data.base import seeded_split
+    from ..data.base import stratified_subset
 
-    labels = np.asarray(getattr(dataset, "labels"))
-    _, keep = seeded_split(labels, limit, seed)
-    return dataset.subset(np.sort(keep))
+    return dataset.subset(stratified_subset(np.asarray(getattr(dataset, "labels")), limit, seed))
 
 
 def method_requirements(method: MethodConfig) -> set:
@@ -45,8 +43,9 @@ def build_trainer(cfg: TrainConfig, out_dir: str | Path, teacher: Any = None) ->
 
     bench = get_benchmark(cfg.data.benchmark)
     skip = cfg.data.skip_bad
-    train = _limit(bench.id_train(cfg.data.root, skip_bad=skip), cfg.data.train_limit, cfg.seed)
-    val = _limit(bench.id_val(cfg.data.root, skip_bad=skip), cfg.data.val_limit, cfg.seed + 1)
+    subset_seed = cfg.seed if cfg.data.subset_seed is None else cfg.data.subset_seed
+    train = limited(bench.id_train(cfg.data.root, skip_bad=skip), cfg.data.train_limit, subset_seed)
+    val = limited(bench.id_val(cfg.data.root, skip_bad=skip), cfg.data.val_limit, cfg.seed + 1)
     req = method_requirements(cfg.method)
     banks: Dict[str, Any] = {}
     for kind in ("cood", "dood"):
@@ -55,6 +54,12 @@ def build_trainer(cfg: TrainConfig, out_dir: str | Path, teacher: Any = None) ->
             if not path:
                 raise ConfigError(f"method {cfg.method.name!r} needs a {kind.upper()} bank: set outliers.{kind}_bank")
             banks[kind] = Bank.open(path)
+    if "image_outliers" in req:
+        if not cfg.outliers.image_outliers:
+            raise ConfigError(f"method {cfg.method.name!r} needs a teacher-selected image-outlier set: set outliers.image_outliers")
+        from ..outliers.images import ImageOutlierSet
+
+        banks["image_outliers"] = ImageOutlierSet(cfg.outliers.image_outliers)
     aux = bench.oe_dataset(cfg.data.root, skip_bad=skip) if "aux" in req else None
     teacher_fn, teacher_dim = None, None
     if "teacher" in req:

@@ -25,6 +25,7 @@ class DataConfig(StrictModel):
     benchmark: str = "fmnist"
     root: Optional[str] = None
     train_limit: Optional[int] = Field(None, ge=1)  # seeded, class-stratified subset of ID train
+    subset_seed: Optional[int] = Field(None, ge=0)  # seed of that subset (None: the run's seed); oaml bench fixes it
     val_limit: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(128, ge=2)
     aux_batch_size: Optional[int] = Field(None, ge=1)  # default: the ID batch size
@@ -60,6 +61,7 @@ class TeacherRefConfig(StrictModel):
 class OutlierSourcesConfig(StrictModel):
     cood_bank: Optional[str] = None
     dood_bank: Optional[str] = None
+    image_outliers: Optional[str] = None  # a teacher-selected image-outlier set (oaml.outliers.images)
 
 
 class TrainConfig(StrictModel):

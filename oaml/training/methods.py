@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional
+
+from pydantic import Field
 
 from ..config import StrictModel
 from ..errors import ConfigError
@@ -31,6 +33,7 @@ class Method:
     paper: str = ""
     needs_teacher: bool = False
     notes: str = ""
+    warmup_steps: int = 0  # default of MethodConfig.warmup_steps
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -42,6 +45,13 @@ def register_method(method: Method) -> Method:
 class MethodConfig(StrictModel):
     name: str = "vanilla"
     terms: Dict[str, Dict[str, Any]] = {}
+    # batches over which the terms' own modules are fitted with the student frozen before the
+    # first step (None: the method's default, ``Method.warmup_steps``)
+    warmup_steps: Optional[int] = Field(None, ge=0)
+
+
+def method_warmup_steps(cfg: MethodConfig) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps is not None else METHODS.get(cfg.name).warmup_steps
 
 
 def resolve_terms(cfg: MethodConfig) -> Dict[str, Dict[str, Any]]:

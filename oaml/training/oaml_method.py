@@ -1,4 +1,7 @@
-"""OAML as loss terms of the one training loop, and the OAML method with its ablations.
+"""OAML as loss terms of the one training loop: the paper's loss (``oaml-paper``), its
+ablations, and the library's ``oaml``.
+
+The paper's loss (``oaml-paper``)::
 
     L = CE(z_S, y) + a1 KL_logit + a2 KL_feat + b MI(f_S, C-OOD) + g MI(f_S, D-OOD)
 
@@ -10,11 +13,23 @@ with the paper's weights a1=4, a2=8, b=0.1, g=0.2 (appendix, all datasets). Term
   BN-Linear-ReLU-BN) trains with the student.
 - ``mi_cood`` / ``mi_dood``: the CLUB upper bound between the student's ID feature and an
   outlier of the C-OOD / D-OOD bank. ``mode: fitted`` (default): q(y|x) is fitted by maximum
-  likelihood with its own Adam on detached pairs before the student's step, and the student
-  minimises the bound with q held fixed. ``mode: reference``: the authors' behaviour (q(f_S |
-  outlier), never fitted, minimised jointly with the student: zero in expectation), for
-  reproduction and ablation only. ``pairing: class`` (default) pairs sample i with an outlier
-  sampled from the boundary of its own class; ``random`` pairs uniformly (authors).
+  likelihood with its own Adam on detached pairs and the student minimises the bound with q held
+  fixed; with ``fit_on: previous`` (default) q's step comes after the student's, on the pairs
+  just scored, so every bound is computed by a q that has not seen its pairs. ``mode:
+  reference``: the authors' behaviour (q(f_S | outlier), never fitted, minimised jointly with the
+  student: zero in expectation), for reproduction and ablation only. ``pairing: random``
+  (default, as the authors) pairs uniformly; ``class`` (ablation, ``oaml-paper-class``) pairs
+  sample i with an outlier of its own class's boundary.
+
+What the paper's loss does and does not do: no MI term passes an outlier through the student,
+and MI measures dependence, not distance; with random pairing the true MI is 0 whatever the
+student does, and with class pairing minimising it strips class information from the feature
+(I(f_S; y) <= I(label; y) <= log C). Only the distillation terms change the student usefully.
+The OAML methods warm up DT and the CLUB nets for ``warmup_steps`` batches with the student
+frozen before the first step (short schedules otherwise start them far from their fit).
+
+``oaml`` (the library's method, SPEC section 5) keeps the pipeline (teacher, boundary criterion,
+KD) and lets outliers reach the student: :mod:`oaml.training.oaml_outliers`.
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from ..errors import ConfigError
 from ..losses.club import CLUB, OutlierPairer
 from ..losses.distill import TransferMLP, feature_kd, logit_kd
 from ..utils.device import to_device_async
+from . import oaml_outliers  # noqa: F401  (registers image_outliers, feature_outliers)
 from .methods import Method, register_method
 from .state import StepState
 from .terms import TERMS, BuildContext, Term, TermConfig
@@ -82,7 +98,9 @@ class FeatureKDTerm(Term):
 class MIConfig(TermConfig):
     weight: float = 0.1
     mode: Literal["fitted", "reference"] = "fitted"
-    pairing: Literal["class", "random"] = "class"
+    pairing: Literal["class", "random"] = "random"  # class: an ablation (it strips class information; SPEC 1.4)
+    fit_on: Literal["previous", "current"] = "previous"  # q's likelihood step: after the student's (on the pairs just
+    # scored, so each bound uses a q that has not seen its pairs) or before it, on the pairs it then scores
     hidden: int = Field(512, ge=1)
     lr: float = Field(1e-3, gt=0)  # fitted: q's Adam; reference: q's lr inside the student's SGD
     steps: int = Field(1, ge=1)
@@ -108,6 +126,8 @@ class _MITerm(Term):
             lr=cfg.lr, steps=cfg.steps, logvar_bounds=cfg.logvar_bounds,
         )
         self._y: Optional[torch.Tensor] = None
+        self._pairs: Optional[torch.Tensor] = None
+        self._last_ll: Optional[torch.Tensor] = None
 
     @property
     def own_optimizer(self):  # type: ignore[override]
@@ -128,14 +148,27 @@ class _MITerm(Term):
 
     def pre_step(self, s: StepState) -> Dict[str, float]:
         self._y = self._outliers(s)
-        if self.cfg.mode == "fitted":
+        if self.cfg.mode != "fitted":
+            return {}
+        if self.cfg.fit_on == "current":
             return {f"{self.bank_key}_club_loglik": self.club.fit_step(s.features, self._y)}
-        return {}
+        ll, self._last_ll = self._last_ll, None  # from the previous step's fit (none before the first)
+        return {f"{self.bank_key}_club_loglik": ll} if ll is not None else {}
 
     def forward(self, s: StepState) -> torch.Tensor:
         y = self._y if self._y is not None else self._outliers(s)
-        self._y = None
+        self._y, self._pairs = None, y
         return self.club.bound(s.features, y)
+
+    def post_step(self, s: StepState) -> None:
+        """``fit_on: previous``: q takes its likelihood step on this step's detached pairs AFTER the
+        student's update, so the bound of every step is computed with a q that never saw its pairs."""
+        y, self._pairs = self._pairs, None
+        if self.cfg.mode == "fitted" and self.cfg.fit_on == "previous":
+            if y is None:  # warm-up: forward was not called for this term
+                y = self._y if self._y is not None else self._outliers(s)
+                self._y = None
+            self._last_ll = self.club.fit_step(s.features, y)
 
 
 @TERMS.register("mi_cood")
@@ -161,10 +194,25 @@ class MIDOODTerm(_MITerm):
 
 _KD = {"ce": {}, "kd_logit": {}, "kd_feat": {}}
 _PAPER = "Gao et al., OAML: Outlier Aware Metric Learning for OOD Detection Enhancement (arXiv 2406.16525)"
+_WARMUP = 100  # batches fitting DT and the CLUB nets with the student frozen
 
-register_method(Method("oaml", {**_KD, "mi_cood": {}, "mi_dood": {}}, "OAML: CE + logit/feature KD + CLUB MI to C-OOD and D-OOD", _PAPER, needs_teacher=True))
-register_method(Method("oaml-kd", dict(_KD), "OAML ablation: CE + KD only", _PAPER, needs_teacher=True))
-register_method(Method("oaml-kd-cood", {**_KD, "mi_cood": {}}, "OAML ablation: CE + KD + MI(C-OOD)", _PAPER, needs_teacher=True))
+register_method(Method(
+    "oaml",
+    {"ce": {}, "kd_logit": {}, "image_outliers": {}},
+    "OAML as this library recommends it: CE + logit KD on ID images + teacher-selected image outliers (made from ID "
+    "images, kept beyond every class boundary in the teacher's space) trained with the teacher's own logits (outlier-"
+    "aware KD) and outlier exposure, in the student's one forward pass",
+    _PAPER, needs_teacher=True,
+))
+register_method(Method("oaml-paper", {**_KD, "mi_cood": {}, "mi_dood": {}},
+                       "the paper's loss: CE + logit/feature KD + CLUB MI to C-OOD and D-OOD (random pairing, q fitted on "
+                       "the previous step's pairs, warm-up)", _PAPER, needs_teacher=True, warmup_steps=_WARMUP))
+register_method(Method("oaml-paper-class", {**_KD, "mi_cood": {"pairing": "class"}, "mi_dood": {"pairing": "class"}},
+                       "ablation: the paper's loss with class pairing of outliers (strips class information)", _PAPER,
+                       needs_teacher=True, warmup_steps=_WARMUP))
+register_method(Method("oaml-kd", dict(_KD), "OAML ablation: CE + KD only", _PAPER, needs_teacher=True, warmup_steps=_WARMUP))
+register_method(Method("oaml-kd-cood", {**_KD, "mi_cood": {}}, "OAML ablation: CE + KD + MI(C-OOD)", _PAPER,
+                       needs_teacher=True, warmup_steps=_WARMUP))
 register_method(
     Method(
         "oaml-reference",

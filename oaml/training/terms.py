@@ -48,6 +48,7 @@ class BuildContext:
         aux_available: bool = False,
         num_train: Optional[int] = None,
         num_aux: Optional[int] = None,
+        preprocess: Optional[nn.Module] = None,
     ):
         self.num_classes = num_classes
         self.feature_dim = feature_dim
@@ -57,6 +58,7 @@ class BuildContext:
         self.aux_available = aux_available
         self.num_train = num_train  # size of the ID training set (per-sample state, e.g. UDG)
         self.num_aux = num_aux  # size of the auxiliary outlier pool
+        self.preprocess = preprocess  # the student's preprocessing (raw uint8 -> model input), for extra images
 
 
 @dataclass
@@ -112,6 +114,10 @@ class Term(nn.Module):
     def pre_step(self, state: StepState) -> Dict[str, Any]:
         """Work before the loss; returns values to log (floats or 0-d tensors, read back once per step)."""
         return {}
+
+    def post_step(self, state: StepState) -> None:
+        """Work after the student's optimiser step (e.g. fitting an estimator on this step's
+        detached pairs, so that the NEXT step's bound uses a q that has not seen its pairs)."""
 
     def on_epoch_start(self, ctx: EpochContext) -> Dict[str, float]:
         """Called once at the start of every epoch, before its first step (not again when a run

@@ -21,6 +21,8 @@ import csv
 import logging
 import math
 import os
+import pickle
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -40,7 +42,7 @@ from ..utils.device import amp_enabled, resolve_device, rng_state, set_rng_state
 from ..utils.distributed import average_gradients, broadcast_module
 from ..utils.io import atomic_path, check_writable, write_json
 from .config import TrainConfig
-from .methods import resolve_terms
+from .methods import method_warmup_steps, resolve_terms
 from .state import StepState
 from .terms import TERMS, BuildContext, EpochContext, Term, build_term
 
@@ -198,6 +200,7 @@ class Trainer:
             aux_available=aux_set is not None,
             num_train=len(self.train),
             num_aux=len(self.aux) if self.aux is not None else None,
+            preprocess=self.preprocess,
         )
         self.term_cfgs = resolve_terms(cfg.method)
         self.terms: Dict[str, Term] = {}
@@ -294,8 +297,8 @@ class Trainer:
             "world_size": self.world,
             "epoch_sums": dict(self._epoch_sums),
             "epoch_seconds": self._epoch_seconds,
-            "epoch_hook_logs": dict(self._epoch_hook_logs),
-            "rng": rng_state(),
+            "epoch_hook_logs": {k: float(v) for k, v in self._epoch_hook_logs.items()},  # no numpy scalars (weights_only)
+            "rng": _plain_rng_state(rng_state()),
             "config": self.cfg.model_dump(mode="json"),
         }
 
@@ -336,7 +339,7 @@ class Trainer:
         self._epoch_sums = dict(state.get("epoch_sums", {}))
         self._epoch_seconds = float(state.get("epoch_seconds", 0.0))
         self._epoch_hook_logs = dict(state.get("epoch_hook_logs", {}))
-        set_rng_state(state["rng"])
+        set_rng_state(_native_rng_state(state["rng"]))
 
     def save(self, name: str = "last.pt") -> None:
         if self.rank != 0:
@@ -348,8 +351,18 @@ class Trainer:
         path = self.out_dir / "last.pt"
         if not path.exists():
             return False
-        # on the CPU first: RNG states must stay CPU ByteTensors; load_state_dict moves the rest
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        # on the CPU first: RNG states must stay CPU ByteTensors; load_state_dict moves the rest.
+        # Only tensors and plain containers are stored, so nothing in the file can run code.
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            raise ConfigError(
+                f"{path} holds {found.group(1) if found else 'objects'} besides tensors and plain values: it was written "
+                "by an older oaml or is not a training state, and is never loaded unsafely. Continue it with the oaml "
+                "that wrote it, or start again with --overwrite"
+            ) from None
+        self.load_state_dict(state)
         log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step_in_epoch)
         return True
 
@@ -438,6 +451,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        for term in self.terms.values():
+            term.post_step(state)
         return logs
 
     @torch.no_grad()
@@ -487,6 +502,40 @@ class Trainer:
             logs.update(term.on_epoch_start(ctx))
         return logs
 
+    def _warm_up_terms(self, steps: int) -> None:
+        """Fit the terms' own modules (transfer MLP, CLUB q, ...) for ``steps`` batches with the
+        student FROZEN (eval mode, no gradient, BatchNorm statistics untouched), so that a short
+        schedule does not start them far from their fitted state. The terms' student-optimised
+        parameters take Adam steps on their own loss; estimators fit in their ``post_step``."""
+        if steps <= 0:
+            return
+        params = [p for t in self.terms.values() for grp in t.student_param_groups() for p in grp["params"]]
+        opt = torch.optim.Adam(params, lr=1e-3) if params else None
+        trained = [n for n, t in self.terms.items() if any(True for grp in t.student_param_groups() for _ in grp["params"])]
+        g = torch.Generator().manual_seed((_seed_for(self.cfg.seed, 0) + 7919) % (2**63 - 1))
+        n, bs = len(self.train), self.cfg.data.batch_size
+        self.model.eval()
+        self.term_modules.train()
+        for _ in range(steps):
+            idx = torch.randint(0, n, (bs,), generator=g)
+            raw, labels = self.train.get(idx.tolist())
+            with torch.no_grad():
+                logits, feats = self.net(self.preprocess(raw.to(self.device)))
+            state = StepState(images=raw, labels=labels.to(self.device), labels_cpu=labels, logits=logits.float(),
+                              features=feats.float(), generator=g, epoch=0, step=0, model=self.model, indices=idx)
+            if self.teacher_needed:
+                state.teacher_logits, state.teacher_features = self._teacher_outputs(raw, idx)
+            for term in self.terms.values():
+                term.pre_step(state)
+            if opt is not None:
+                loss = sum(self.terms[k].weight * self.terms[k](state) for k in trained)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            for term in self.terms.values():
+                term.post_step(state)
+        log.info("warmed up the terms' own modules (%s) for %d steps with the student frozen", ", ".join(self.terms), steps)
+
     def fit(self, resume: bool = False) -> Dict[str, Any]:
         cfg = self.cfg
         if resume:
@@ -496,6 +545,8 @@ class Trainer:
         bs = cfg.data.batch_size
         from tqdm.auto import tqdm
 
+        if self.global_step == 0 and self.step_in_epoch == 0:
+            self._warm_up_terms(method_warmup_steps(cfg.method))
         while self.epoch < cfg.optim.epochs:
             self.sampler.set_epoch(self.epoch)
             order = list(self.sampler)
@@ -614,6 +665,22 @@ class Trainer:
                 if isinstance(v, (int, float)) and k != "epoch":
                     self._tb.add_scalar(k, v, row["epoch"])
             self._tb.flush()
+
+
+def _plain_rng_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """:func:`rng_state` in what ``torch.load(weights_only=True)`` reads: tensors, lists, numbers."""
+    version, internal, gauss = state["python"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    numpy = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    return {**state, "python": [version, list(internal), gauss], "numpy": numpy}
+
+
+def _native_rng_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The inverse of :func:`_plain_rng_state`, as :func:`set_rng_state` takes it."""
+    version, internal, gauss = state["python"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    numpy = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    return {**state, "python": (version, tuple(internal), gauss), "numpy": numpy}
 
 
 def _read_back(logs: Dict[str, Any]) -> Dict[str, float]:
