@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from oaml.evaluation.metrics import ood_metrics  # noqa: E402
+from oaml.metrics import ood_metrics  # noqa: E402
 from oaml.models.adapter import Classifier  # noqa: E402
 from oaml.scores import FeatureSet, create_score  # noqa: E402
 

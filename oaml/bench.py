@@ -98,7 +98,7 @@ class BenchConfig(StrictModel):
     def load(cls, path: Optional[str], overrides: List[str]) -> "BenchConfig":
         """Read a bench YAML; ``pipeline: other.yaml`` (relative to the file) loads a pipeline
         config, ``pipeline_overrides:`` then merges onto it. ``--set`` overrides apply last."""
-        from .cli.common import apply_overrides, read_config_file
+        from .config import apply_overrides, read_config_file
 
         data: Dict[str, Any] = {}
         if path:
@@ -192,7 +192,7 @@ class Bench:
     # -- running -------------------------------------------------------------------------------
     def _shared_settings(self) -> str:
         p = self.cfg.pipeline
-        shared = p.model_dump(mode="json", include={"benchmark", "teacher", "bank", "sampler", "generator"})
+        shared = p.model_dump(mode="json", include={"benchmark", "teacher", "bank", "sampler", "generator", "image_outliers", "train_limit"})
         return yaml.safe_dump({"seed": p.seed, **shared}, sort_keys=False)
 
     def _runs(self) -> Dict[str, BenchRun]:
@@ -213,12 +213,23 @@ class Bench:
                 "pass --overwrite or choose another --out"
             )
         atomic_write_text(settings, self._shared_settings())
-        shared = Pipeline(cfg.pipeline, shared_dir)
-        t0 = time.time()
+        from .training.build import method_requirements
+        from .utils.progress import Stages
+
         runs = self._runs()
+        stages = Stages(0, enabled=self.progress)
+        shared = Pipeline(cfg.pipeline, shared_dir, stages=stages)
+        t0 = time.time()
+        seeds = {seed: Pipeline(cfg.pipeline.model_copy(update={"seed": seed}), self.out / "runs" / f"seed{seed}",
+                                artefacts=shared, stages=stages) for seed in cfg.seeds}
+        need = set().union(*(method_requirements(spec.method) for spec in runs.values()))
+        stages.total = shared.pending_shared(need) + int("teacher" in need and not (shared_dir / "eval" / "teacher" / "results.json").is_file()) + sum(
+            p.pending_run(name) for seed, p in seeds.items() for name, spec in runs.items()
+            if spec.seeds is None or seed in spec.seeds)
         self._build_shared(shared, runs)
-        for seed in cfg.seeds:
-            p = Pipeline(cfg.pipeline.model_copy(update={"seed": seed}), self.out / "runs" / f"seed{seed}", artefacts=shared)
+        if "teacher" in need:  # the ceiling a distilled student can hope to approach
+            shared.evaluate("teacher", shared.teacher_path, teacher=True)
+        for seed, p in seeds.items():
             # vanilla first, as pipeline.vanilla whole (its `pretrained` weights, e.g. ImageNet's ResNet-50)
             log.info("=== bench: vanilla, seed %d", seed)
             vanilla_ckpt = p.train("vanilla", cfg.pipeline.vanilla)
@@ -245,7 +256,7 @@ class Bench:
         from .training.build import method_requirements
 
         need = set().union(*(method_requirements(spec.method) for spec in runs.values()))
-        if not need & {"teacher", "cood", "dood"}:
+        if not need & {"teacher", "cood", "dood", "image_outliers"}:
             return
         with open(shared.out / ".lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -256,6 +267,8 @@ class Bench:
                     shared.cood()
                 if "dood" in need:
                     shared.dood()
+                if "image_outliers" in need:
+                    shared.image_outliers()
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 

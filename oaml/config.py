@@ -2,13 +2,15 @@
 
 Every component keeps its own config class next to its code (for example
 ``oaml.outliers.knn.KNNSamplerConfig``); they all derive from :class:`StrictModel`, so a typo
-in a YAML file is an error that names the key and lists the allowed ones.
+in a YAML file is an error that names the key and lists the allowed ones. :func:`load_config`
+reads one: defaults, then a YAML file (:func:`read_config_file`), then ``--set`` overrides
+(:func:`apply_overrides`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Type, TypeVar
+from typing import Any, Dict, List, Optional, Type, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -32,19 +34,46 @@ class StrictModel(BaseModel):
 
     @classmethod
     def from_yaml(cls: Type[M], path: str | Path) -> M:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_config_file(path), source=str(path))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def read_config_file(path: str | Path) -> Dict[str, Any]:
+    """A YAML config file as a mapping (empty file: ``{}``), or a ConfigError naming the file and what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data or {}
+
+
+def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    """Apply ``--set KEY=VALUE`` items in place: dotted keys reach into sections, VALUE is YAML."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(cls: Type[M], path: Optional[str | Path], overrides: List[str]) -> M:
+    """``cls`` from its defaults, then the YAML file ``path`` (if any), then the ``--set`` overrides."""
+    data: Dict[str, Any] = read_config_file(path) if path else {}
+    return cls.from_dict(apply_overrides(data, overrides), source=str(path or "config"))
 
 
 def format_validation_error(exc: ValidationError, cls: type, source: str) -> str:

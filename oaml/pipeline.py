@@ -30,6 +30,7 @@ from .outliers.knn import KNNSamplerConfig
 from .training.config import AugmentConfig, OptimConfig, StudentConfig, TrainConfig
 from .training.methods import MethodConfig
 from .utils.io import atomic_write_text, write_json
+from .utils.progress import Stages
 
 log = logging.getLogger(__name__)
 
@@ -145,19 +146,41 @@ def _train_config(cfg: PipelineConfig, run: StudentRunConfig, init: Optional[str
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, out_dir: str | Path, artefacts: Optional["Pipeline"] = None):
+    def __init__(self, cfg: PipelineConfig, out_dir: str | Path, artefacts: Optional["Pipeline"] = None,
+                 stages: Optional[Stages] = None):
         """``artefacts``: another pipeline whose teacher and banks this one uses (``oaml bench``
-        shares them across seeds); by default they live under ``out_dir``."""
+        shares them across seeds); by default they live under ``out_dir``. ``stages``: the
+        "stage k/N ... ETA" reporter of the whole job (``oaml bench`` shares one)."""
         self.cfg = cfg
         self.out = Path(out_dir)
         self.times: Dict[str, float] = {}
         self._teacher = None
         self.artefacts = artefacts or self
+        self.stages = stages or Stages(0, enabled=cfg.progress)
 
     # -- stages ------------------------------------------------------------------------------
     def _stage(self, name: str):
-        log.info("=== stage: %s", name)
+        self.stages.start(name)
         return time.time()
+
+    def pending_shared(self, need: set) -> int:
+        """How many of the shared stages (teacher, bank, C-OOD, D-OOD, image outliers) that ``need``
+        asks for have no complete output yet."""
+        from .outliers.images import complete
+
+        banks = self.out / "banks"
+        todo = {"teacher": not self.cfg.teacher.checkpoint and not (self.out / "teacher" / "teacher.pt").is_file(),
+                "bank": not _complete(banks / "id_features"), "cood": not _complete(banks / "cood"),
+                "dood": self.cfg.generator.enabled and not _complete(banks / "dood"),
+                "image_outliers": not complete(banks / "image_outliers")}
+        need = set(need) | ({"teacher", "bank"} if need & {"cood", "dood", "image_outliers"} else set())
+        need |= {"cood"} if "dood" in need else set()
+        return sum(1 for k in need if todo.get(k))
+
+    def pending_run(self, name: str, eval_name: Optional[str] = None) -> int:
+        """Stages left of one student: training (no summary yet) and evaluation (no results yet)."""
+        return int(not (self.out / "students" / name / "summary.json").is_file()) + \
+            int(not (self.out / "eval" / (eval_name or name) / "results.json").is_file())
 
     def teacher(self):
         from .data import get_benchmark
@@ -316,8 +339,10 @@ class Pipeline:
                                           "seconds_per_epoch": None, "history": [], "terms": {"ce": {}}})
         return out / "best.pt"
 
-    def evaluate(self, name: str, ckpt: Path) -> Dict[str, Any]:
-        from .evaluation.api import evaluate_checkpoint
+    def evaluate(self, name: str, ckpt: Path, teacher: bool = False) -> Dict[str, Any]:
+        """Scores, metrics and report of a student checkpoint (or, ``teacher=True``, of the teacher
+        checkpoint ``ckpt`` used as a detector on its own features) into ``eval/<name>``."""
+        from .evaluation.api import evaluate_checkpoint, evaluate_teacher
 
         out = self.out / "eval" / name
         e = self.cfg.eval
@@ -325,9 +350,9 @@ class Pipeline:
         if (out / "results.json").is_file() and settings.is_file() and json.loads(settings.read_text()) == e.model_dump(mode="json"):
             return json.loads((out / "results.json").read_text())
         t0 = self._stage(f"evaluate {name}")
-        res = evaluate_checkpoint(ckpt, self.cfg.benchmark, out, scores=e.scores, fit_limit=e.fit_limit,
-                                  batch_size=e.batch_size, device=self.cfg.device, root=self.cfg.root, plots=e.plots,
-                                  progress=self.cfg.progress, score_ood_val=e.ood_val)
+        res = (evaluate_teacher if teacher else evaluate_checkpoint)(
+            ckpt, self.cfg.benchmark, out, scores=e.scores, fit_limit=e.fit_limit, batch_size=e.batch_size,
+            device=self.cfg.device, root=self.cfg.root, plots=e.plots, progress=self.cfg.progress, score_ood_val=e.ood_val)
         write_json(settings, e.model_dump(mode="json"))
         self.times[f"eval_{name}"] = time.time() - t0
         return res
@@ -338,6 +363,10 @@ class Pipeline:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
         t_all = time.time()
+        from .training.build import method_requirements
+
+        names = [("vanilla", None), ("oaml", None)] + ([("vanilla-continued", "vanilla+cont")] if cfg.continuation else [])
+        self.stages.total = self.pending_shared(method_requirements(cfg.oaml.method)) + sum(self.pending_run(*n) for n in names)
         vanilla = self.train("vanilla", cfg.vanilla)
         runs = {"vanilla": vanilla}
         runs["oaml"] = self.train("oaml", cfg.oaml, init=str(vanilla))
@@ -345,6 +374,7 @@ class Pipeline:
             cont = StudentRunConfig(optim=cfg.oaml.optim, method=MethodConfig(name="vanilla"))
             runs["vanilla+cont"] = self.train("vanilla-continued", cont, init=str(vanilla))
         results = {name: self.evaluate(name, ckpt) for name, ckpt in runs.items()}
+        self.stages.finish()
         self.times["total_this_invocation"] = time.time() - t_all
         return self.report(results)
 

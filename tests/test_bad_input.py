@@ -470,7 +470,7 @@ def test_model_scores_reject_non_finite_outputs(name):
 
 
 def test_metrics_refuse_non_finite_scores_instead_of_a_nan_auroc():
-    from oaml.evaluation.metrics import ood_metrics
+    from oaml.metrics import ood_metrics
 
     with pytest.raises(NonFiniteError, match="non-finite"):
         ood_metrics(np.array([1.0, np.nan, 2.0]), np.array([0.0, 0.5]))

@@ -89,7 +89,8 @@ def test_with_extra_ood(tiny_root, tmp_path):
         write_png(tmp_path / "mine" / f"{i}.png", rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8))
     b2 = b.with_extra_ood("mine", tmp_path / "mine", group="near").with_extra_ood(
         "arr", rng.random((5, 32, 32, 3)).astype(np.float32))
-    assert len(b.near) == 2 and [r.name for r in b2.near][-1] == "mine" and b2.far[-1].name == "arr"
+    assert len(b.near) == 2 and [r.name for r in b2.near][-1] == "mine" and b2.far == b.far  # default group: extra
+    assert [r.name for r in b2.extra] == ["arr"] and b2.ood_test_sets[-1].group == "extra" and not b.extra
     mine, arr = b2.ood_test("mine"), b2.ood_test("arr")
     assert mine[0][0].shape == (1, 28, 28) and mine[0][1] == -1 and len(mine) == 3
     assert arr.images.shape == (5, 1, 28, 28) and arr.labels.unique().tolist() == [-1]

@@ -182,7 +182,7 @@ def test_overwrite_replaces_only_what_oaml_wrote(tiny, student, tmp_path, capsys
     old = os.umask(0o022)
     try:
         assert main(eval_argv(student, out, "--scores", "ebo,knn", plots=True)) == 0
-        assert (out / "plots" / "hist_knn.png").is_file()
+        assert (out / "plots" / "roc_knn.png").is_file()
         (out / "notes.txt").write_text("the user's own file")
         (out / "plots" / "mine.png").write_text("the user's own plot")
         assert main(eval_argv(student, out, "--scores", "ebo")) == 1  # results exist: refused
@@ -190,7 +190,7 @@ def test_overwrite_replaces_only_what_oaml_wrote(tiny, student, tmp_path, capsys
     finally:
         os.umask(old)
     assert set(json.loads((out / "results.json").read_text())["scores"]) == {"ebo"}
-    assert not (out / "plots" / "hist_knn.png").exists()  # the earlier report's, not rewritten: gone
+    assert not (out / "plots" / "roc_knn.png").exists()  # the earlier report's, not rewritten: gone
     assert (out / "notes.txt").read_text() == "the user's own file"
     assert (out / "plots" / "mine.png").read_text() == "the user's own plot"
     assert stat.S_IMODE((out / "results.json").stat().st_mode) == 0o644

@@ -69,7 +69,7 @@ def test_all_scores_end_to_end_with_report(trained, tmp_path):
     assert data["id_accuracy"] == res["id_accuracy"]
     md = paths["md"].read_text()
     assert "| EBO |" in md and "noise-a (near)" in md
-    assert (tmp_path / "report" / "plots" / "hist_knn.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "plots" / "histograms.png").stat().st_size > 1000
     assert (tmp_path / "report" / "plots" / "roc_ebo.png").exists()
     npz = np.load(paths["scores"])
     assert npz["ebo/id_test"].shape == (50,) and npz["ebo/noise-b"].shape == (30,)

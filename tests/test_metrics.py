@@ -1,4 +1,4 @@
-"""Tests of oaml.evaluation.metrics against scikit-learn, hand-computed cases and properties."""
+"""Tests of oaml.metrics against scikit-learn, hand-computed cases and properties."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sklearn.metrics import (
 )
 
 from oaml.errors import ConfigError, DataError, NonFiniteError, ShapeError
-from oaml.evaluation.metrics import METRIC_KEYS, accuracy, ood_metrics
+from oaml.metrics import METRIC_KEYS, accuracy, ood_metrics
 
 
 def sklearn_reference(id_s, ood_s, level=0.95):

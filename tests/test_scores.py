@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from oaml.errors import ConfigError, NonFiniteError, ShapeError
-from oaml.evaluation.metrics import ood_metrics
+from oaml.metrics import ood_metrics
 from oaml.models.adapter import Classifier
 from oaml.scores import SCORES, FeatureSet, create_score
 from oaml.scores.gram import gram_features

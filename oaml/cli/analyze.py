@@ -1,10 +1,9 @@
-"""``oaml analyze-outliers``: how far C-OOD / D-OOD / real OOD features are from the ID features.
+"""oaml analyze-outliers: how far C-OOD / D-OOD / real OOD features are from the ID features.
 
     oaml analyze-outliers --id-bank runs/x/id --cood runs/x/cood --dood runs/x/dood \\
         --ood-features mnist=runs/x/feat_mnist --out runs/x/analysis
 
-Writes analysis.json, analysis.md, knn_distances.png and pca.png into --out. Metric definitions:
-``oaml.outliers.analysis``.
+Writes analysis.json, analysis.md, knn_distances.png and pca.png into --out.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples", dest="max_samples", type=int, default=5000,
                    help="seeded subset size per set (default 5000)")
     p.add_argument("--no-normalize", dest="normalize", action="store_false", help="skip L2 normalisation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets and the probe split (default 0)")
     p.add_argument("--threads", type=int, default=None, help="cap BLAS threads (default: unchanged)")
     p.set_defaults(func=run)
 

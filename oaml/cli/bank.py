@@ -1,4 +1,4 @@
-"""``oaml bank``: build and inspect banks. ``features`` is OAML step 1, the ID feature bank.
+"""oaml bank: build and inspect banks. features is OAML step 1, the ID feature bank.
 
     oaml bank features --teacher-checkpoint runs/teacher/teacher.pt --dataset fashion-mnist \\
         --split train --out runs/bank [--per-class 500] [--with-logits] [--resume] [--overwrite]
@@ -6,8 +6,8 @@
         --split train --out runs/teacher_cache
     oaml bank info runs/bank
 
-An interrupted ``features`` run leaves whole shards and an incomplete manifest; running the same
-command again (``--resume`` is the default) continues after the last whole shard.
+An interrupted features run leaves whole shards and an incomplete manifest; running the same
+command again (--resume is the default) continues after the last whole shard.
 """
 
 from __future__ import annotations
@@ -16,26 +16,28 @@ import argparse
 import json
 
 from ..errors import ConfigError
+from .common import DATA_ROOT_HELP, DEVICE_HELP, add_progress_argument
 
 
 def _teacher_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-checkpoint", dest="teacher_checkpoint", default=None,
                    help="fine-tuned teacher (oaml teacher finetune); the usual choice")
     p.add_argument("--teacher", default=None, help="or a pretrained teacher by name (ImageNet head)")
-    p.add_argument("--teacher-weights", dest="teacher_weights", default=None)
+    p.add_argument("--teacher-weights", dest="teacher_weights", default=None,
+                   help="with --teacher: local weights file/folder or a Hugging Face id found in the local cache")
     p.add_argument("--dataset", required=True, help="ID dataset name (oaml data list)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--data-root", dest="data_root", default=None)
+    p.add_argument("--split", default="train", help="dataset split (default train)")
+    p.add_argument("--data-root", dest="data_root", default=None, help=DATA_ROOT_HELP)
     p.add_argument("--out", required=True, help="bank folder")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=256)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="images per teacher batch (default 256)")
     p.add_argument("--shard-size", dest="shard_size", type=int, default=65536, help="rows per shard (bounds memory)")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue an interrupted extraction (default)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over")
     p.add_argument("--overwrite", action="store_true", help="replace a bank made with other settings")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_argument(p)
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
                    help="drop unreadable (corrupt, truncated) image files of folder datasets and report how many")
 
@@ -49,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _teacher_args(pf)
     pf.add_argument("--per-class", dest="per_class", type=int, default=None,
                     help="a seeded subset of N images per class (the authors used 500)")
-    pf.add_argument("--seed", type=int, default=0)
+    pf.add_argument("--seed", type=int, default=0, help="seed of the --per-class subset (default 0)")
     pf.add_argument("--with-logits", dest="with_logits", action="store_true", help="also store logits in <out>/logits")
     pf.set_defaults(func=run_features)
 
@@ -58,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pc.set_defaults(func=run_cache)
 
     pi = sub.add_parser("info", help="print a bank's manifest summary")
-    pi.add_argument("path")
+    pi.add_argument("path", help="bank folder")
     pi.add_argument("--verify", action="store_true", help="check shard checksums")
     pi.set_defaults(func=run_info)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_set_argument
+from .common import add_progress_argument, add_set_argument
 
 
 def register(sub) -> None:
@@ -11,7 +11,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/bench", help="output folder; finished (method, seed) runs there are reused")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier grid in --out first")
     p.add_argument("--report-only", action="store_true", help="only aggregate what has finished (no training)")
-    add_set_argument(p)
+    add_set_argument(p, "pipeline.oaml.optim.lr=0.01")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 

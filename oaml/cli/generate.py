@@ -1,23 +1,24 @@
-"""``oaml generate``: D-OOD bank from a C-OOD bank with a diffusion generator.
+"""oaml generate: D-OOD bank from a C-OOD bank with a diffusion generator.
 
     oaml generate --config gen.yaml [--resume | --overwrite]
     oaml generate --cood runs/x/cood --out runs/x/dood --generator feature_diffusion --id-bank runs/x/id
-    oaml generate --cood ... --out ... --generator stable_diffusion --sd-model /models/sd-v1-4
+    oaml generate --cood runs/x/cood --out runs/x/dood-sd --generator stable_diffusion --sd-model /models/sd-v1-4
 
-Flags given on the command line override the YAML. Under ``torchrun`` every rank generates a
-contiguous block of batches and rank 0 merges them (see ``oaml.outliers.generators.base``).
+Flags given on the command line override the YAML. Under torchrun every rank generates a
+contiguous block of batches and rank 0 merges them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import yaml
-
-from ..config import StrictModel
 from ..errors import ConfigError
+from .common import DEVICE_HELP, add_progress_argument
+
+if TYPE_CHECKING:
+    from ..config import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +33,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML with GenerateConfig keys (cood, out, generator, train, ...)")
     p.add_argument("--cood", help="C-OOD bank folder")
     p.add_argument("--out", help="D-OOD bank folder to write")
-    p.add_argument("--generator", choices=["feature_diffusion", "stable_diffusion"])
+    p.add_argument("--generator", choices=["feature_diffusion", "stable_diffusion"],
+                   help="feature_diffusion (default; trained on --id-bank) or stable_diffusion (needs --sd-model)")
     p.add_argument("--id-bank", dest="id_bank", help="ID feature bank (trains the feature diffusion model)")
     p.add_argument("--model", help="feature diffusion model file (default <out>.fdiff.safetensors)")
     p.add_argument("--sd-model", dest="sd_model", help="Stable Diffusion folder or cached HF id")
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--num-samples", dest="num_samples", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="vectors per generation batch (default 256)")
+    p.add_argument("--num-samples", dest="num_samples", type=int,
+                   help="D-OOD vectors to write (default: one per C-OOD vector)")
+    p.add_argument("--seed", type=int, help="base seed; batch b uses a seed derived from (seed, b) (default 0)")
     p.add_argument("--strength", type=float, help="feature diffusion SDEdit strength")
     p.add_argument("--steps", type=int, help="sampling steps (feature diffusion DDIM or SD)")
     p.add_argument("--train-steps", dest="train_steps", type=int, help="feature diffusion training steps")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, help="torch CPU threads for feature diffusion (1 is fastest on a busy machine)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", default=None, help="continue an interrupted bank (default)")
     g.add_argument("--no-resume", dest="resume", action="store_false", help="restart an interrupted bank")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing bank/model")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 
@@ -58,16 +61,10 @@ def _set(model: StrictModel, key: str, value: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import read_config_file
     from ..outliers.generators.run import GenerateConfig, run_generate
 
-    data: dict = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping")
+    data = read_config_file(args.config) if args.config else {}
     for key in ("cood", "out", "generator", "id_bank", "model", "batch_size", "num_samples", "seed", "resume",
                 "overwrite"):
         if getattr(args, key, None) is not None:

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence, Tuple
 
 from .. import __version__
 from ..errors import OamlError
@@ -33,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def iter_parsers(parser: argparse.ArgumentParser | None = None, path: Tuple[str, ...] = ("oaml",)
+                 ) -> Iterator[Tuple[Tuple[str, ...], argparse.ArgumentParser]]:
+    """Every (sub)command's parser with its path, e.g. (("oaml", "bank", "info"), parser)."""
+    parser = parser or build_parser()
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from iter_parsers(sub, path + (name,))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -41,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from ..utils.progress import set_enabled
+
+    set_enabled(getattr(args, "progress", None) is not False)  # --no-progress
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

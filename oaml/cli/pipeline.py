@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_set_argument, load_config
+from .common import add_progress_argument, add_set_argument
 
 
 def register(sub) -> None:
@@ -10,13 +10,15 @@ def register(sub) -> None:
     p.add_argument("--config", help="pipeline config YAML (default: the embedded offline demo)")
     p.add_argument("--out", default="runs/pipeline", help="output folder (stages already complete there are skipped)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier pipeline in --out first")
-    add_set_argument(p)
+    add_set_argument(p, "oaml.optim.lr=0.01")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
     d = sub.add_parser("demo", help="the offline demo: Fashion-MNIST, EfficientNet-Lite0 teacher, OAML vs vanilla")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; rerun continues it)")
     d.add_argument("--overwrite", action="store_true", help="start again from scratch")
-    add_set_argument(d)
+    add_set_argument(d, "oaml.optim.lr=0.01")
+    add_progress_argument(d)
     d.set_defaults(func=run, config=None)
 
 
@@ -24,6 +26,7 @@ def run(args) -> int:
     import shutil
     from pathlib import Path
 
+    from ..config import load_config
     from ..errors import ConfigError
     from ..pipeline import Pipeline, PipelineConfig
     from ..utils.io import check_writable

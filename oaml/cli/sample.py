@@ -11,6 +11,7 @@ import argparse
 import logging
 
 from ..errors import ConfigError
+from .common import DEVICE_HELP, add_progress_argument
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ _OVERRIDES = [
     ("--ivf-nprobe", "ivf_nprobe", int, "IVF lists probed per query (default 8)"),
     ("--chunk-size", "chunk_size", int, "query rows per search block (default: from --chunk-mb)"),
     ("--chunk-mb", "chunk_mb", float, "working memory of one search block in MiB (default 128)"),
-    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--device", "device", str, DEVICE_HELP),
     ("--noise-device", "noise_device", str, "cpu (device-independent results, default) | compute"),
     ("--seed", "seed", int, "base seed; class c uses a seed derived from (seed, c)"),
     ("--rescale-norm", "rescale_norm", float, "multiply the unit outputs by this norm (e.g. token-embedding norm for SD)"),
@@ -57,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", dest="shard_size", type=int, default=None,
                    help="vectors per bank shard (default: whole classes, about 32k vectors); an interrupted run "
                         "keeps its whole shards")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if args.shard_size is not None and args.shard_size < 1:
         raise ConfigError(f"--shard-size must be positive, got {args.shard_size}")
-    bank = sample_outliers(args.bank, args.out, cfg, progress=not args.no_progress, resume=args.resume,
+    bank = sample_outliers(args.bank, args.out, cfg, progress=args.progress, resume=args.resume,
                            overwrite=args.overwrite, shard_size=args.shard_size)
     counts = bank.manifest.get("class_counts", {})
     print(f"C-OOD bank {bank.path}: {len(bank)} vectors of dim {bank.dim}, {len(counts)} classes "

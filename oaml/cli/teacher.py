@@ -1,12 +1,12 @@
-"""``oaml teacher``: list, verify and fine-tune teachers (OAML step 0).
+"""oaml teacher: list, verify and fine-tune teachers (OAML step 0).
 
     oaml teacher list
     oaml teacher verify [--teacher efficientnet_lite0] [--teacher-weights PATH]
     oaml teacher finetune --teacher efficientnet_lite0 --dataset fashion_mnist --out runs/teacher \\
         [--image-size 64] [--epochs 30] [--backbone-lr 1e-4 --train-blocks 3] [--train-limit N]
 
-``finetune`` writes ``<out>/teacher.pt`` (weights, preprocessing, class count, val accuracy)
-and ``<out>/finetune.json`` (history, timings, test accuracy when --test-split is given).
+finetune writes <out>/teacher.pt (weights, preprocessing, class count, val accuracy) and
+<out>/finetune.json (history, timings, test accuracy when --test-split is given).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from .common import DATA_ROOT_HELP, DEVICE_HELP, add_progress_argument
 
 
 def _add_teacher_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +24,7 @@ def _add_teacher_args(p: argparse.ArgumentParser) -> None:
                    help="registry name, timm:<arch> or torchvision:<arch> (default efficientnet_lite0, the offline teacher)")
     p.add_argument("--teacher-weights", dest="teacher_weights", default=None,
                    help="local weights file/folder or a Hugging Face id found in the local cache")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (on a shared machine 1 can be many times faster than 2)")
 
@@ -47,17 +48,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pf = sub.add_parser("finetune", help="fine-tune the teacher's head (and optionally last stages) on the ID classes")
     _add_teacher_args(pf)
     pf.add_argument("--dataset", required=True, help="ID dataset name (oaml data list)")
-    pf.add_argument("--data-root", dest="data_root", default=None)
-    pf.add_argument("--train-split", dest="train_split", default="train")
-    pf.add_argument("--val-split", dest="val_split", default="val")
+    pf.add_argument("--data-root", dest="data_root", default=None, help=DATA_ROOT_HELP)
+    pf.add_argument("--train-split", dest="train_split", default="train", help="split to fine-tune on (default train)")
+    pf.add_argument("--val-split", dest="val_split", default="val",
+                    help="split that picks the best epoch (default val)")
     pf.add_argument("--test-split", dest="test_split", default=None, help="also report accuracy on this split")
     pf.add_argument("--out", required=True, help="output folder (teacher.pt, finetune.json)")
     pf.add_argument("--image-size", dest="image_size", type=int, default=None,
                     help="teacher input size (default: the teacher's own, 224 for ImageNet models)")
     pf.add_argument("--config", default=None, help="YAML with FinetuneConfig fields")
-    pf.add_argument("--epochs", type=int, default=None)
-    pf.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    pf.add_argument("--head-lr", dest="head_lr", type=float, default=None)
+    pf.add_argument("--epochs", type=int, default=None, help="training epochs (default 30)")
+    pf.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="batch size (default 256)")
+    pf.add_argument("--head-lr", dest="head_lr", type=float, default=None,
+                    help="learning rate of the classifier head (default 1e-3)")
     pf.add_argument("--backbone-lr", dest="backbone_lr", type=float, default=None,
                     help="also train the backbone with this lr (default: head only)")
     pf.add_argument("--train-blocks", dest="train_blocks", type=int, default=None,
@@ -67,9 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pf.add_argument("--no-cache", dest="cache", action="store_false", default=None,
                     help="do not cache frozen features/activations")
     pf.add_argument("--augment", action="store_true", default=None, help="random horizontal flips (needs --no-cache)")
-    pf.add_argument("--seed", type=int, default=None)
+    pf.add_argument("--seed", type=int, default=None, help="random seed of the subset, the batch order and the head (default 0)")
     pf.add_argument("--overwrite", action="store_true", help="replace an existing <out>/teacher.pt")
-    pf.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    add_progress_argument(pf, default=None)
     pf.set_defaults(func=run_finetune)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -114,7 +117,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from ..cli.common import load_config
+    from ..config import load_config
     from ..data import build_dataset
     from ..models.finetune import FinetuneConfig, evaluate_teacher, finetune_teacher
     from ..models.teachers import TeacherConfig, load_teacher

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import TYPE_CHECKING
 
-from ..training.config import TrainConfig, check_same_config
-from .common import add_set_argument, load_config, prepare_out
+from .common import add_progress_argument, add_set_argument, prepare_out
+
+if TYPE_CHECKING:
+    from ..training.config import TrainConfig
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a student with one method (vanilla, oaml, oe, ...)")
@@ -16,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
     add_set_argument(p)
+    add_progress_argument(p)
     p.set_defaults(func=run)
 
 
@@ -36,7 +40,9 @@ def checkpoint_bytes(cfg: TrainConfig) -> int:
 
 
 def run(args) -> int:
+    from ..config import load_config
     from ..training.build import build_trainer, method_requirements
+    from ..training.config import TrainConfig, check_same_config
     from ..utils.io import atomic_write_text
 
     cfg = load_config(TrainConfig, args.config, args.overrides)

@@ -4,7 +4,7 @@
     train = bench.id_train()                    # uint8 (1, 28, 28) images, labels 0..9
     for ref in bench.near + bench.far:
         ds = bench.ood_test(ref)                # converted to 28x28x1, labels -1
-    bench = bench.with_extra_ood("my-set", "/path/to/images", group="far")
+    bench = bench.with_extra_ood("my-set", "/path/to/images")   # group "extra": own row, not in near/far/all
 
 Every OOD set is converted to the benchmark's ``image_size``/``channels`` (resize with antialias,
 grey<->RGB), so ID and OOD batches share one format. Offline substitutes carry
@@ -37,7 +37,7 @@ class OODSetRef:
     name: str  # display name in reports, e.g. "MNIST"
     dataset: str | None = None  # registry name
     split: str = "test"
-    group: str = "far"  # near | far | val | oe
+    group: str = "far"  # near | far | val | oe | extra (the user's, outside the standard averages)
     substitute_for: str | None = None  # set for offline stand-ins ("Textures (DTD)")
     in_paper: bool = True  # False: in OpenOOD's benchmark but not in the paper's table
     path: str | None = None  # user data: a folder of images
@@ -75,6 +75,7 @@ class Benchmark:
     pre_size: int | None = None  # resize shorter side to this, then centre-crop image_size (ImageNet: 256)
     id_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
     notes: str = ""
+    extra: list[OODSetRef] = field(default_factory=list)  # the user's OOD test sets (with_extra_ood)
 
     # -- ID ---------------------------------------------------------------------------------
     def id_split(self, split: str, root=None, skip_bad: bool = False) -> Dataset:
@@ -95,13 +96,14 @@ class Benchmark:
     # -- OOD --------------------------------------------------------------------------------
     @property
     def ood_test_sets(self) -> list[OODSetRef]:
-        return [*self.near, *self.far]
+        return [*self.near, *self.far, *self.extra]
 
     def find(self, name: str) -> OODSetRef:
-        for ref in (*self.near, *self.far, *self.ood_val, *self.oe):
+        refs = (*self.ood_test_sets, *self.ood_val, *self.oe)
+        for ref in refs:
             if ref.name.lower() == name.lower():
                 return ref
-        names = [r.name for r in (*self.near, *self.far, *self.ood_val, *self.oe)]
+        names = [r.name for r in refs]
         raise ConfigError(f"benchmark {self.name!r} has no OOD set {name!r}; it has {', '.join(names)}")
 
     def build_ood(self, ref: OODSetRef | str, root=None, skip_bad: bool = False) -> Dataset:
@@ -124,10 +126,10 @@ class Benchmark:
     def ood_sets(self, groups: tuple[str, ...] = ("near", "far"), root=None, only_available: bool = False,
                  paper_only: bool = False, skip_bad: bool = False) -> dict[str, Dataset]:
         """name -> dataset for the OOD sets of the given groups (near, far, val, oe)."""
-        by_group = {"near": self.near, "far": self.far, "val": self.ood_val, "oe": self.oe}
+        by_group = {"near": self.near, "far": self.far, "val": self.ood_val, "oe": self.oe, "extra": self.extra}
         bad = [g for g in groups if g not in by_group]
         if bad:
-            raise ConfigError(f"unknown OOD group(s) {bad}; use near, far, val, oe")
+            raise ConfigError(f"unknown OOD group(s) {bad}; use near, far, val, oe, extra")
         out = {}
         for g in groups:
             for ref in by_group[g]:
@@ -155,23 +157,25 @@ class Benchmark:
         spec = get_dataset_spec(self.id_dataset)
         if not spec.available(root):
             out.append(self.id_dataset)
-        for ref in (*self.near, *self.far, *self.ood_val, *self.oe):
+        for ref in (*self.ood_test_sets, *self.ood_val, *self.oe):
             if paper_only and not ref.in_paper:
                 continue
             if not ref.available(root):
                 out.append(f"{ref.dataset or ref.path}:{ref.split}")
         return out
 
-    def with_extra_ood(self, name: str, path_or_array: Any, group: str = "far") -> "Benchmark":
+    def with_extra_ood(self, name: str, path_or_array: Any, group: str = "extra") -> "Benchmark":
         """A copy of this benchmark with the user's own OOD set (a folder of images or an array).
 
         A folder is read flat (every image under it, recursively); an array is validated as
-        :class:`ArrayDataset`. ``group``: near, far, val or oe.
+        :class:`ArrayDataset`. ``group``: ``extra`` (default: scored in its own row and group,
+        leaving the benchmark's near / far / all averages as published), or near, far (joins that
+        group and its averages), val (OOD-val) or oe (outlier-exposure pool).
         """
-        if group not in ("near", "far", "val", "oe"):
-            raise ConfigError(f"group must be near, far, val or oe, got {group!r}")
-        existing = {r.name.lower() for r in (*self.near, *self.far, *self.ood_val, *self.oe)}
-        if name.lower() in existing:
+        lists = {"extra": "extra", "near": "near", "far": "far", "val": "ood_val", "oe": "oe"}
+        if group not in lists:
+            raise ConfigError(f"group must be one of {', '.join(lists)}, got {group!r}")
+        if name.lower() in {r.name.lower() for r in (*self.ood_test_sets, *self.ood_val, *self.oe)}:
             raise ConfigError(f"benchmark {self.name!r} already has an OOD set named {name!r}")
         if isinstance(path_or_array, (str, os.PathLike)):
             p = Path(path_or_array).expanduser()
@@ -182,7 +186,7 @@ class Benchmark:
         else:
             ArrayDataset(path_or_array, name=name)  # validate now
             ref = OODSetRef(name, None, "test", group, in_paper=False, array=path_or_array)
-        key = {"near": "near", "far": "far", "val": "ood_val", "oe": "oe"}[group]
+        key = lists[group]
         return dataclasses.replace(self, **{key: [*getattr(self, key), ref]})
 
     def summary(self, root=None) -> dict:
@@ -192,7 +196,7 @@ class Benchmark:
 
         return {"name": self.name, "id": self.id_dataset, "num_classes": self.num_classes,
                 "format": [self.channels, self.image_size, self.image_size], "near": refs(self.near),
-                "far": refs(self.far), "ood_val": refs(self.ood_val), "oe": refs(self.oe)}
+                "far": refs(self.far), "ood_val": refs(self.ood_val), "oe": refs(self.oe), "extra": refs(self.extra)}
 
 
 def _concat(parts: list[Dataset], name: str) -> Dataset:

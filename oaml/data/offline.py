@@ -667,7 +667,7 @@ class PatchSetSpec(DatasetSpec):
 
     def prepare(self, root=None, download=False, source=None) -> dict:
         from PIL import Image
-        from tqdm import tqdm
+        from ..utils.progress import progress_bar
 
         folder = self.folder(root)
         if self.available(root):
@@ -688,7 +688,7 @@ class PatchSetSpec(DatasetSpec):
         jobs = [(split, img) for split in self.splits for img in PATCH_SOURCES[self.name][split]]
         per_split: dict[str, list] = {s: [] for s in self.splits}
         sources: dict[str, list] = {s: [] for s in self.splits}
-        for split, img in tqdm(jobs, desc=f"cutting {self.name} patches", unit="image"):
+        for split, img in progress_bar(jobs, desc=f"cutting {self.name} patches", unit="image"):
             path = bundled_image_path(img)
             if not path.is_file():
                 raise missing_error(self.name, [path], "pip install --force-reinstall scikit-image scikit-learn",

@@ -84,10 +84,10 @@ class _FileImageDataset(Dataset):
         self.labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
     def _drop_bad(self, samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
-        from tqdm import tqdm
+        from ..utils.progress import progress_bar
 
         good = []
-        for path, label in tqdm(samples, desc=f"checking {self.name}", unit="img", disable=len(samples) < 2000, leave=False):
+        for path, label in progress_bar(samples, desc=f"checking {self.name}", unit="img", disable=len(samples) < 2000, leave=False):
             try:
                 decode_image(path, self.channels)
             except DataError as exc:

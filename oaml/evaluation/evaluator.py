@@ -3,9 +3,13 @@
 Features of every split are extracted once (and cached on disk per checkpoint and dataset
 content), every feature-based score fits on its stated ID split and scores from those features;
 ODIN and Gram get the model and a loader. Metrics are computed per OOD set and averaged (plain
-means) over the near, far and all groups. Values in the results are percentages. A score that
-needs what the model does not expose (a linear head, feature maps) is skipped, with the reason,
-under ``results["skipped"]``.
+means) over the near, far and all (near + far) groups; the user's own sets (group ``extra``) get
+their own rows and ``extra`` mean and leave those averages alone. Every metric and accuracy in the
+results is a percentage (``results["units"]``). ``results["settings"]`` holds ``fit_limit`` and
+each score's settings as fitted (its hyperparameters plus what fitting resolved, e.g. ViM's
+``dim_``, ReAct's ``threshold_``); ``results["skipped_files"]`` the unreadable files ``skip_bad``
+dropped per split. A score that needs what the model does not expose (a linear head, feature
+maps) is skipped, with the reason, under ``results["skipped"]``.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from torch.utils.data import Dataset, Subset
 
 from ..errors import ConfigError, ShapeError
 from ..utils.device import resolve_device
-from .features import FeatureCache, PreprocessedLoader, dataset_fingerprint, extract_features
+from .features import FeatureCache, PreprocessedLoader, dataset_fingerprint, extract_features, skipped_files
 from .metrics import ood_metrics
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("fpr95", "fpr95_id_pos", "auroc", "aupr_in", "aupr_out", "detection_error")
+# the averages of the results, by the OOD set groups they take
+GROUPS: Dict[str, Tuple[str, ...]] = {"near": ("near",), "far": ("far",), "all": ("near", "far"), "extra": ("extra",)}
 DEFAULT_SCORES = ("msp", "odin", "mds", "klm", "gram", "react", "gradnorm", "vim", "knn", "gen", "ebo", "mls")
 
 # OpenOOD v1.5's APS sweeps (feature scores); used by ``search="default"``.
@@ -44,7 +50,7 @@ DEFAULT_GRIDS: Dict[str, Dict[str, list]] = {
 @dataclass
 class OODSet:
     name: str
-    group: str  # "near" | "far"
+    group: str  # "near" | "far" | "extra" (the user's own set: own row, outside near / far / all)
     dataset: Dataset
 
 
@@ -86,14 +92,15 @@ class Evaluator:
         if len(set(names)) != len(names):
             raise ConfigError(f"OOD set names must be unique, got {names}")
         for o in ood_sets:
-            if o.group not in ("near", "far"):
-                raise ConfigError(f"OOD set {o.name!r} has group {o.group!r}; use 'near' or 'far'")
+            if o.group not in GROUPS["all"] + GROUPS["extra"]:
+                raise ConfigError(f"OOD set {o.name!r} has group {o.group!r}; use 'near', 'far' or 'extra'")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess.to(self.device)
         if fit_limit is not None and len(id_train) > fit_limit:  # type: ignore[arg-type]
             idx = np.sort(np.random.default_rng(seed).choice(len(id_train), fit_limit, replace=False))  # type: ignore[arg-type]
             id_train = _subset(id_train, idx)
+        self.fit_limit, self.seed = fit_limit, seed
         self.splits: Dict[str, Dataset] = {"id_train": id_train, "id_val": id_val, "id_test": id_test}
         self.ood_sets = list(ood_sets)
         self.score_names = list(scores)
@@ -135,6 +142,9 @@ class Evaluator:
 
     # ---------------------------------------------------------------------------------------
     def features(self, key: str, dataset: Dataset):
+        same = [k for k, d in self.splits.items() if d is dataset and k in self._feats]  # e.g. id_val = id_train
+        if same:
+            return self._feats[same[0]]
         if key not in self._feats:
             compute = lambda: extract_features(  # noqa: E731
                 self.model, self.preprocess, dataset, self.batch_size, self.device, self.progress, desc=key
@@ -180,7 +190,9 @@ class Evaluator:
             loader = self._loader(self.splits[fit_split]) if fit_split else None
             score.fit(fit_data, model=self.model, loader=loader, head=head)
             s_id = score.score(test, model=self.model, loader=self._loader(self.splits["id_test"]))
-            return s_id, {o.name: score.score(ood_feats[o.name], model=self.model, loader=self._loader(o.dataset)) for o in self.ood_sets}
+            s_ood = {o.name: score.score(ood_feats[o.name], model=self.model, loader=self._loader(o.dataset)) for o in self.ood_sets}
+            self.settings[name] = score_settings(score)
+            return s_id, s_ood
         if name in self.search:
             val = self.features("id_val", self.splits["id_val"])
             oodv = {o.name: self.features(f"oodval_{o.name}", o.dataset) for o in self.ood_val}
@@ -193,12 +205,14 @@ class Evaluator:
             log.info("%s: chosen on ID-val vs OOD-val: %s", name, found.best_params)
         else:
             score.fit(fit_data, head=head)
+        self.settings[name] = score_settings(score)
         return score.score(test), {k: score.score(v) for k, v in ood_feats.items()}
 
     def run(self) -> Dict[str, Any]:
         from ..scores import SCORES
 
         self.chosen: Dict[str, Any] = {}
+        self.settings: Dict[str, Dict[str, Any]] = {}
         t0 = time.time()
         test = self.features("id_test", self.splits["id_test"])
         id_acc = float((test.logits.argmax(1) == test.labels).double().mean()) * 100
@@ -223,18 +237,33 @@ class Evaluator:
                 m = ood_metrics(s_id, s_ood[o.name])
                 per_set[o.name] = {k: 100.0 * float(m[k]) for k in METRIC_KEYS} | {"group": o.group}
             entry: Dict[str, Any] = {"datasets": per_set}
-            for group in ("near", "far", "all"):
-                members = [v for v in per_set.values() if group == "all" or v["group"] == group]
+            for group, takes in GROUPS.items():
+                members = [v for v in per_set.values() if v["group"] in takes]
                 if members:
                     entry[group] = {k: float(np.mean([v[k] for v in members])) for k in METRIC_KEYS}
             results["scores"][name] = entry
             self.timings[name] = time.time() - t1
-            log.info("%s: AUROC %.2f FPR@95 %.2f (%.1fs)", name, entry["all"]["auroc"], entry["all"]["fpr95"], self.timings[name])
+            shown = entry.get("all", entry.get("extra"))
+            log.info("%s: AUROC %.2f FPR@95 %.2f (%.1fs)", name, shown["auroc"], shown["fpr95"], self.timings[name])
         results["timings_seconds"] = dict(self.timings)
+        results["units"] = {"metrics": "percent", "accuracy": "percent"}
+        results["settings"] = {"fit_limit": self.fit_limit, "fit_count": len(self.splits["id_train"]), "seed": self.seed,  # type: ignore[arg-type]
+                               "preprocess": getattr(self.preprocess, "config", lambda: None)(), "scores": self.settings}
+        datasets = {**self.splits, **{o.name: o.dataset for o in self.ood_sets}}
+        results["skipped_files"] = {k: files for k, d in datasets.items() if (files := skipped_files(d))}
         if self.chosen:
             results["search"] = {"metric": self.search_metric, "ood_val": [o.name for o in self.ood_val], "chosen": self.chosen}
         results["ood_sets"] = [{"name": o.name, "group": o.group, "count": len(o.dataset)} for o in self.ood_sets]  # type: ignore[arg-type]
         return results
+
+
+def score_settings(score) -> Dict[str, Any]:
+    """A fitted score's hyperparameters and the scalars fitting resolved (attributes ``name_``)."""
+    def plain(v) -> bool:
+        return v is None or isinstance(v, (bool, int, float, str)) or (isinstance(v, (list, tuple)) and all(map(plain, v)))
+
+    resolved = {k: v for k, v in vars(score).items() if k.endswith("_") and not k.startswith("_")}
+    return {k: v for k, v in {**score.hyperparameters(), **resolved}.items() if plain(v)}
 
 
 def _subset(dataset: Dataset, idx: np.ndarray) -> Dataset:

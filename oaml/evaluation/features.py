@@ -54,14 +54,14 @@ def extract_features(
     model: nn.Module, preprocess: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu", progress: bool = False, desc: str = "features"
 ):
     """Run ``model.forward_features`` over ``dataset``; returns a :class:`~oaml.scores.base.FeatureSet`."""
-    from tqdm.auto import tqdm
+    from ..utils.progress import progress_bar
 
     from ..scores.base import FeatureSet
 
     model.eval()
     logits, feats, labels = [], [], []
     n_batches = (len(dataset) + batch_size - 1) // batch_size  # type: ignore[arg-type]
-    for raw, y in tqdm(_batches(dataset, batch_size), total=n_batches, desc=desc, disable=not progress, mininterval=2.0, leave=False):
+    for raw, y in progress_bar(_batches(dataset, batch_size), total=n_batches, desc=desc, disable=not progress, mininterval=2.0, leave=False):
         lo, fe = model.forward_features(preprocess(raw.to(device)))
         logits.append(lo.float().cpu())
         feats.append(fe.float().cpu())
@@ -81,7 +81,7 @@ def _parts(ds: Dataset) -> Iterator[tuple]:
     if isinstance(getattr(ds, "images", None), torch.Tensor):  # TensorImageDataset, ArrayDataset, subsets of them
         yield ("tensor", ds.images, getattr(ds, "labels", None))  # type: ignore[attr-defined]
     elif isinstance(getattr(ds, "samples", None), list) and hasattr(ds, "channels"):  # folders, image lists
-        yield ("files", ds.channels, ds.samples)  # type: ignore[attr-defined]
+        yield ("files", ds.channels, ds.samples, getattr(ds, "skipped", []))  # type: ignore[attr-defined]
     elif isinstance(ds, ConvertedDataset):
         yield ("convert", ds.image_size, ds.channels, ds.pre_size, ds.ood)
         yield from _parts(ds.base)
@@ -134,14 +134,19 @@ def image_files(datasets: Iterable[Dataset]) -> List[Path]:
     return list(seen)
 
 
+def skipped_files(dataset: Dataset) -> List[str]:
+    """The unreadable files a ``skip_bad`` dataset dropped (through conversions and subsets)."""
+    return [str(p) for part in _parts(dataset) if part[0] == "files" for p in part[3]]
+
+
 def check_image_files(datasets: Iterable[Dataset], progress: bool = False) -> None:
     """Open every image file of ``datasets`` (header and structure, no full decode) before any
     work; a DataError names every one that fails, and each is logged."""
     from PIL import Image
-    from tqdm.auto import tqdm
+    from ..utils.progress import progress_bar
 
     files, bad = image_files(datasets), []
-    for path in tqdm(files, desc="checking image files", disable=not progress or len(files) < 2000, leave=False):
+    for path in progress_bar(files, desc="checking image files", disable=not progress or len(files) < 2000, leave=False):
         try:
             with Image.open(path) as im:
                 im.verify()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -101,52 +102,114 @@ def write_report(out_dir: str | Path, results: Dict[str, Any], raw_scores: Optio
 
 
 def plot_scores(out_dir: Path, raw_scores: Dict[str, Dict[str, np.ndarray]], results: Dict[str, Any]) -> Dict[str, Path]:
-    """Histograms of each score, ID test vs each OOD set (the paper's figure 6), and ROC curves."""
+    """``histograms.png`` (one panel per score, ID test vs each OOD set, the paper's figure 6)
+    and ``roc_<score>.png`` (one curve per OOD set, AUROC in the legend)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"histograms": _save(score_histograms(raw_scores, results), out_dir / "histograms.png")}
+    for score, sets in raw_scores.items():
+        paths[f"roc_{score}"] = _save(roc_figure(score, sets, results), out_dir / f"roc_{score}.png")
+    return paths
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: Dict[str, Path] = {}
-    for score, sets in raw_scores.items():
-        ood_names = [k for k in sets if k != "id_test"]
-        n = len(ood_names)
-        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
-        for ax, name in zip(axes[0], ood_names):
-            a, b = sets["id_test"], sets[name]
-            lo, hi = np.percentile(np.concatenate([a, b]), [0.5, 99.5])
-            if hi <= lo:
-                hi = lo + 1e-6
-            bins = np.linspace(lo, hi, 50)
-            ax.hist(np.clip(a, lo, hi), bins=bins, alpha=0.55, density=True, label="ID")
-            ax.hist(np.clip(b, lo, hi), bins=bins, alpha=0.55, density=True, label=name)
-            auroc = results["scores"][score]["datasets"][name]["auroc"]
-            ax.set_title(f"{name} (AUROC {auroc:.1f})", fontsize=9)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"{score.upper()} score (higher = ID)", fontsize=10)
-        fig.tight_layout()
-        paths[f"hist_{score}"] = _save(fig, out_dir / f"hist_{score}.png")
+    return plt
 
-        fig, ax = plt.subplots(figsize=(3.6, 3.4))
-        for name in ood_names:
-            fpr, tpr = _roc(sets["id_test"], sets[name])
-            ax.plot(fpr, tpr, label=name)
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set_xlabel("FPR (OOD accepted)")
-        ax.set_ylabel("TPR (ID accepted)")
-        ax.set_title(f"ROC, {score.upper()}", fontsize=10)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths[f"roc_{score}"] = _save(fig, out_dir / f"roc_{score}.png")
-    return paths
+
+HIST_QUANTILES = (1.0, 99.0)  # histogram x range: at most from the sets' lowest 1% to their highest 99% quantile
+HIST_FENCE = 3.0  # ... and at most this many interquartile ranges beyond each set's quartiles
+
+
+def hist_range(arrays: Sequence[np.ndarray]) -> tuple:
+    """The x range of a histogram: every set's bulk, not its extreme tail (a tail would squeeze
+    the bulk into a few bins, or pile up in the edge bin if clipped). Per set the range is its
+    1%-99% quantiles, cut at 3 interquartile ranges beyond the quartiles; then the union."""
+    lo, hi = np.inf, -np.inf
+    for a in arrays:
+        q_lo, q1, q3, q_hi = np.percentile(a, [HIST_QUANTILES[0], 25, 75, HIST_QUANTILES[1]])
+        lo = min(lo, max(q_lo, q1 - HIST_FENCE * (q3 - q1)))
+        hi = max(hi, min(q_hi, q3 + HIST_FENCE * (q3 - q1)))
+    return float(lo), float(hi if hi > lo else lo + max(abs(lo), 1.0) * 1e-3)
+
+
+def score_histograms(raw_scores: Dict[str, Dict[str, np.ndarray]], results: Dict[str, Any]):
+    """A grid with one panel per score: ID test filled, each OOD set as a line (near solid, far
+    dashed), one legend for the figure. Values outside :func:`hist_range` are not drawn."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    names = list(raw_scores)
+    ood = list(dict.fromkeys(k for sets in raw_scores.values() for k in sets if k != "id_test"))  # colour by set
+    nrows = -(-len(names) // 4)  # at most 4 panels a row, rows filled evenly
+    ncols = -(-len(names) // nrows)
+    width = max(3.6 * ncols, 6.5)
+    lo_q, hi_q = HIST_QUANTILES
+    title = textwrap.wrap(f"ID test vs each OOD set (AUROC: mean over the sets, %). x range: each set's {lo_q:g}%-{hi_q:g}% "
+                          f"quantiles, at most {HIST_FENCE:g} IQR beyond its quartiles; values outside are not drawn "
+                          "(their share: top right of each panel).", int(width * 13))
+    legend_cols = min(len(ood) + 1, int(width // 2.0))
+    legend_h = 0.25 * -(-(len(ood) + 1) // legend_cols) + 0.15  # inches below the panels
+    title_h = 0.2 * len(title) + 0.1
+    height = 2.7 * nrows + title_h + legend_h
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
+    colors = plt.get_cmap("tab10" if len(ood) <= 10 else "tab20").colors
+    for i, (ax, score) in enumerate(zip(axes.flat, names)):
+        sets = raw_scores[score]
+        info = results["scores"][score]
+        lo, hi = hist_range(list(sets.values()))
+        bins = np.linspace(lo, hi, 41)
+        outside = sum(int(((a < lo) | (a > hi)).sum()) for a in sets.values()) / sum(a.size for a in sets.values())
+        ax.hist(sets["id_test"], bins=bins, density=True, color="0.6", alpha=0.6, label="ID test")
+        for j, name in enumerate(ood):
+            if name not in sets:
+                continue
+            far = info["datasets"][name]["group"] == "far"
+            ax.hist(sets[name], bins=bins, density=True, histtype="step", lw=1.3, color=colors[j % len(colors)],
+                    ls="--" if far else "-", label=f"{name} ({info['datasets'][name]['group']})")
+        auroc = f", AUROC {info['all']['auroc']:.1f}" if "all" in info else ""
+        ax.set_title(f"{score.upper()}{auroc}", fontsize=9.5, loc="left")
+        ax.set_title(f"{100 * outside:.1f}% off range", fontsize=7, loc="right", color="0.35")
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.tick_params(labelsize=7)
+        if i % ncols == 0:
+            ax.set_ylabel("density", fontsize=8)
+        if i + ncols >= len(names):
+            ax.set_xlabel("score (higher = more ID)", fontsize=8)
+    for ax in axes.flat[len(names):]:
+        fig.delaxes(ax)
+    legend = {lab: h for ax in fig.axes for h, lab in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=legend_cols, fontsize=8, frameon=False)
+    fig.suptitle("\n".join(title), fontsize=9)
+    fig.tight_layout(rect=(0, legend_h / height, 1, 1))  # tight_layout leaves room for the suptitle
+    return fig
+
+
+def roc_figure(score: str, sets: Dict[str, np.ndarray], results: Dict[str, Any]):
+    """ROC curves of one score, ID positive, one per OOD set (far sets dashed); the legend gives each AUROC."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for name in (k for k in sets if k != "id_test"):
+        fpr, tpr = _roc(sets["id_test"], sets[name])
+        d = results["scores"][score]["datasets"][name]
+        ax.plot(fpr, tpr, lw=1.3, ls="--" if d["group"] == "far" else "-", label=f"{name} (AUROC {d['auroc']:.1f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("FPR: fraction of OOD accepted as ID")
+    ax.set_ylabel("TPR: fraction of ID accepted")
+    ax.set_title(f"ROC of {score.upper()} (ID positive)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
 
 
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -299,11 +362,7 @@ def _fpr_auroc_table(rows: Dict[str, Dict[str, Any]], scores: Sequence[str]) -> 
 
 def bench_plots(out_dir: Path, agg: Dict[str, Any], main_scores: Sequence[str]) -> Dict[str, Path]:
     """One bar chart per metric (AUROC, FPR@95): methods x main scores, error bars = std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     methods = agg["methods"]
     if not methods:
         return {}

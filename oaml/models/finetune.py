@@ -66,9 +66,9 @@ class FinetuneConfig(StrictModel):
 def _progress(iterable, total: int | None, desc: str, enabled: bool):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    from ..utils.progress import progress_bar
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return progress_bar(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 #: the students' selection (oaml.training.build._limit): teacher and students share one subset

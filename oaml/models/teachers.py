@@ -680,9 +680,9 @@ def compute_teacher_outputs(
     feats = torch.empty(n, teacher.feature_dim)
     it = iter_batches(dataset, np.arange(n), batch_size, num_workers)
     if progress:
-        from tqdm.auto import tqdm
+        from ..utils.progress import progress_bar
 
-        it = tqdm(it, total=(n + batch_size - 1) // batch_size, desc="teacher outputs", dynamic_ncols=True)
+        it = progress_bar(it, total=(n + batch_size - 1) // batch_size, desc="teacher outputs", dynamic_ncols=True)
     for x, _, idx in it:
         lo, f = teacher.outputs(x)
         t = torch.from_numpy(idx)

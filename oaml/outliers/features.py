@@ -143,9 +143,9 @@ def extract_feature_bank(
     n_batches = math.ceil(todo.size / batch_size)
     it = iter_batches(dataset, todo, batch_size, num_workers)
     if progress:
-        from tqdm.auto import tqdm
+        from ..utils.progress import progress_bar
 
-        it = tqdm(it, total=n_batches, desc=f"features -> {out_path.name}", dynamic_ncols=True)
+        it = progress_bar(it, total=n_batches, desc=f"features -> {out_path.name}", dynamic_ncols=True)
     for x, y, _ in it:
         logits, feats = teacher.outputs(x)
         n = len(y)

@@ -141,7 +141,7 @@ def class_boundaries(id_bank: Any, cfg: ImageOutlierConfig) -> Dict[int, ClassBo
 def build_image_outliers(teacher: Any, train_set: Any, id_bank: Any, out_dir: str | Path, cfg: ImageOutlierConfig,
                          progress: bool = True) -> Path:
     """Make, embed and select candidates; write ``out_dir/outliers.npz`` and its manifest."""
-    from tqdm.auto import tqdm
+    from ..utils.progress import progress_bar
 
     out = Path(out_dir)
     images_all = getattr(train_set, "images", None)
@@ -152,7 +152,7 @@ def build_image_outliers(teacher: Any, train_set: Any, id_bank: Any, out_dir: st
     per_kind = math.ceil(cfg.candidates / len(cfg.kinds))
     boundaries = class_boundaries(id_bank, cfg) if cfg.select else {}
     parts: Dict[str, List[torch.Tensor]] = {k: [] for k in ("images", "logits", "kind", "ratio")}
-    bar = tqdm(total=per_kind * len(cfg.kinds), desc="image outliers", disable=not progress, mininterval=2.0, leave=False)
+    bar = progress_bar(total=per_kind * len(cfg.kinds), desc="image outliers", disable=not progress, mininterval=2.0, leave=False)
     for k_id, kind in enumerate(cfg.kinds):
         src = torch.randint(0, len(images_all), (per_kind,), generator=g)
         for a in range(0, per_kind, cfg.batch_size):

@@ -657,14 +657,12 @@ def sample_outliers(id_bank: Bank | str | Path, out_path: str | Path, cfg: KNNSa
     if writer.written:
         log.info("resuming %s: %d rows on disk (%d whole classes)", out_path, writer.written, done_classes)
     backend, device, why = _resolve(cfg)
-    log.info("k-NN sampler: %d classes, backend %s (%s), device %s, K=%d S=%d N=%d sigma=%g m=%d R=%d -> %d "
-             "vectors per class%s", len(classes), backend, why, device, cfg.K, cfg.S, cfg.N, cfg.sigma, cfg.m,
-             cfg.R, per, "; REFERENCE-BUGS MODE (ablation/reproduction only)" if cfg.reference_bugs else "")
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        tqdm = None
-    bar = tqdm(total=len(classes), initial=done_classes, disable=not progress, desc="C-OOD", unit="class") if tqdm else None
+    log.info("k-NN sampler: %d classes, backend %s (%s), device %s, K=%d S=%d N=%d sigma=%g (noise std %.4g at "
+             "D=%d) m=%d R=%d -> %d vectors per class%s", len(classes), backend, why, device, cfg.K, cfg.S, cfg.N,
+             cfg.sigma, cfg.noise_std(src.dim), src.dim, cfg.m, cfg.R, per, "; REFERENCE-BUGS MODE (ablation/reproduction only)" if cfg.reference_bugs else "")
+    from ..utils.progress import progress_bar
+
+    bar = progress_bar(total=len(classes), initial=done_classes, disable=not progress, desc="C-OOD", unit="class")
     for j, c in enumerate(classes):
         if j < done_classes:
             continue
@@ -676,8 +674,6 @@ def sample_outliers(id_bank: Bank | str | Path, out_path: str | Path, cfg: KNNSa
         if j == done_classes and skip:
             v, labels = v[skip:], labels[skip:]
         writer.add(v, labels)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     return writer.close()

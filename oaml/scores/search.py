@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from ..evaluation.metrics import HIGHER_IS_BETTER, ood_metrics
+from ..metrics import HIGHER_IS_BETTER, ood_metrics
 from .base import SCORES, FeatureSet, Score, create_score
 
 __all__ = ["SearchResult", "search_hyperparameters"]
@@ -69,7 +69,7 @@ def search_hyperparameters(
     model=model, loader=fit_loader)``, then scores of ``id_val`` and of each set in ``ood_val``
     (FeatureSets, or loaders for model scores such as ODIN/Gram; several sets as a dict
     ``{name: set}`` or a list of FeatureSets), and ``metric`` (a key of
-    :func:`oaml.evaluation.metrics.ood_metrics`, default AUROC) averaged over the OOD-val sets.
+    :func:`oaml.metrics.ood_metrics`, default AUROC) averaged over the OOD-val sets.
     ``fit_data`` is the split named by the score's ``fit_on`` (ID train, or ID val: then pass
     the ID-val FeatureSet again). Best = max (AUROC, AUPR, ...) or min (FPR, detection error);
     ties keep the first point. Never pass test sets here.

@@ -5,3 +5,4 @@ from . import baselines  # noqa: F401  (registers OE, energy-OE, MixOE, LogitNor
 from . import udg  # noqa: F401  (registers UDG)
 from .methods import METHODS, Method, MethodConfig, register_method  # noqa: F401
 from .terms import TERMS, Term, TermConfig  # noqa: F401
+from .trainer import Trainer  # noqa: F401

@@ -543,7 +543,7 @@ class Trainer:
         elif (self.out_dir / "last.pt").exists():
             raise ConfigError(f"{self.out_dir} already holds a training run; pass --resume to continue it or --overwrite")
         bs = cfg.data.batch_size
-        from tqdm.auto import tqdm
+        from ..utils.progress import progress_bar
 
         if self.global_step == 0 and self.step_in_epoch == 0:
             self._warm_up_terms(method_warmup_steps(cfg.method))
@@ -560,7 +560,7 @@ class Trainer:
             t0 = time.time() - self._epoch_seconds
             if not self.step_in_epoch:  # a run resumed mid-epoch keeps the hooks' checkpointed state
                 self._epoch_hook_logs = self._epoch_start()
-            bar = tqdm(
+            bar = progress_bar(
                 total=self.steps_per_epoch,
                 initial=self.step_in_epoch,
                 desc=f"{cfg.method.name} epoch {self.epoch + 1}/{cfg.optim.epochs}",

@@ -40,7 +40,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ...utils.progress import progress_bar
 
 from ...errors import BankError, ConfigError, ShapeError
 from ...registry import Registry
@@ -150,7 +150,7 @@ def _run_batches(
     if done:
         log.info("%s: resuming after %d whole batches (%d rows on disk)", desc, done, writer.written)
     labels_all = cood.labels
-    for b in tqdm(todo, desc=desc, unit="batch", disable=not progress, initial=done, total=len(batches)):
+    for b in progress_bar(todo, desc=desc, unit="batch", disable=not progress, initial=done, total=len(batches)):
         rows = indices[b * batch_size : (b + 1) * batch_size]
         vecs = torch.from_numpy(cood.gather(rows))
         labs = torch.from_numpy(labels_all[rows].astype(np.int64))

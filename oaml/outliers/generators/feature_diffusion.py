@@ -357,7 +357,7 @@ def train_feature_diffusion(
 
 def _train(id_bank_or_tensor: Any, cfg: FeatureDiffusionTrainConfig, progress: bool) -> FeatureDiffusionModel:
     from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
+    from ...utils.progress import progress_bar
 
     x, labels, info = _as_tensor_and_labels(id_bank_or_tensor, cfg.max_train_samples, cfg.seed)
     if x.ndim != 2 or x.shape[0] < 2:
@@ -398,7 +398,7 @@ def _train(id_bank_or_tensor: Any, cfg: FeatureDiffusionTrainConfig, progress: b
     n = data.shape[0]
     loss_ema = None
     t0 = time.time()
-    bar = tqdm(range(cfg.train_steps), desc="feature diffusion", unit="step", disable=not progress)
+    bar = progress_bar(range(cfg.train_steps), desc="feature diffusion", unit="step", disable=not progress)
     for step in bar:
         idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=g, device=device)
         z0 = data[idx]
