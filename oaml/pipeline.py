@@ -129,7 +129,7 @@ def _deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _train_config(cfg: PipelineConfig, run: StudentRunConfig, init: Optional[str], teacher_ckpt: Optional[str],
-                  banks: Dict[str, str], subset_seed: int) -> TrainConfig:
+                  banks: Dict[str, str], subset_seed: int, teacher_cache: Optional[str] = None) -> TrainConfig:
     return TrainConfig.from_dict({
         "data": {"benchmark": cfg.benchmark, "root": cfg.root, "train_limit": cfg.train_limit, "subset_seed": subset_seed,
                  "batch_size": cfg.batch_size, "augment": cfg.augment.model_dump()},
@@ -137,7 +137,7 @@ def _train_config(cfg: PipelineConfig, run: StudentRunConfig, init: Optional[str
         "preprocess": cfg.preprocess.model_dump(),
         "optim": run.optim.model_dump(),
         "method": run.method.model_dump(),
-        "teacher": {"checkpoint": teacher_ckpt, "cache": True},
+        "teacher": {"checkpoint": teacher_ckpt, "cache": True, "cache_dir": teacher_cache},
         "outliers": {"cood_bank": banks.get("cood"), "dood_bank": banks.get("dood"), "image_outliers": banks.get("image_outliers")},
         "seed": cfg.seed,
         "device": cfg.device,
@@ -306,7 +306,8 @@ class Pipeline:
             banks["image_outliers"] = str(src.image_outliers())
         teacher = src.teacher() if "teacher" in req else None
         # every student trains on the subset the teacher was fine-tuned on (the shared artefacts' seed)
-        tcfg = _train_config(self.cfg, run, init, str(src.teacher_path) if teacher else None, banks, src.cfg.seed)
+        tcfg = _train_config(self.cfg, run, init, str(src.teacher_path) if teacher else None, banks, src.cfg.seed,
+                             teacher_cache=str(src.out / "teacher" / "outputs") if teacher else None)
         if (out / "last.pt").is_file() or (out / "summary.json").is_file():  # only trained state is protected
             check_same_config(out, tcfg)
         prev = out / "config.yaml"

@@ -207,3 +207,28 @@ def test_feature_outliers_fit_the_map_on_their_own_and_train_the_head(tmp_path):
         tr._step(raw, labels, torch.arange(16), torch.Generator().manual_seed(i))
     assert mse() < before
     assert all(p.grad is not None for p in head.parameters())
+
+
+def test_teacher_outputs_are_cached_by_teacher_and_image_content(tmp_path, monkeypatch):
+    from oaml.training import build
+
+    class Counting(FakeTeacher):
+        calls = 0
+        num_classes = 4
+
+        def outputs(self, raw):
+            Counting.calls += 1
+            return super().outputs(raw)
+
+        def eval(self):
+            return self
+
+    data = TinyImages(40)
+    first = build.cached_teacher_outputs(Counting(), data, str(tmp_path), 16)
+    n = Counting.calls
+    again = build.cached_teacher_outputs(Counting(), data, str(tmp_path), 16)
+    assert Counting.calls == n and all(torch.equal(a, b) for a, b in zip(first, again))  # read, not recomputed
+    assert torch.allclose(first[1], Counting().outputs(data.images)[1])
+    other = TinyImages(40, seed=3)  # same count and name, other images: never the old outputs
+    fresh = build.cached_teacher_outputs(Counting(), other, str(tmp_path), 16)
+    assert torch.allclose(fresh[1], FakeTeacher().outputs(other.images)[1])

@@ -47,7 +47,7 @@ FORMAT = "oaml-image-outliers-1"
 
 class ImageOutlierConfig(StrictModel):
     kinds: List[Literal["cutmix", "jigsaw", "blur", "noise"]] = ["cutmix", "jigsaw", "blur"]
-    candidates: int = Field(20000, ge=1, description="candidate images made (split evenly over kinds)")
+    candidates: int = Field(10000, ge=1, description="candidate images made (split evenly over kinds)")
     patch: float = Field(0.57, gt=0, lt=1, description="cutmix: side of the pasted square, as a fraction of the image side")
     grid: int = Field(4, ge=2, description="jigsaw: tiles per side")
     blur: float = Field(0.25, gt=0, lt=1, description="blur: box kernel side as a fraction of the image side (odd, >= 3 px)")

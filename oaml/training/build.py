@@ -119,15 +119,37 @@ def _teacher_diff(a: Any, b: Any) -> str:
     return f" (they differ in {', '.join(keys)})" if keys else ""
 
 
+def cached_teacher_outputs(teacher: Any, train_set: Any, cache_dir: Optional[str], batch_size: int):
+    """The teacher's (logits, features) for every training image. With ``cache_dir`` they are kept
+    there as a :class:`~oaml.outliers.features.TeacherOutputCache` whose folder name is a hash of
+    the teacher's identity and the dataset's content fingerprint, so a later run with the same
+    teacher and the same images reads them instead of running the teacher again."""
+    import hashlib
+    import json
+
+    import torch
+
+    from ..data.fingerprint import dataset_fingerprint
+    from ..models.teachers import compute_teacher_outputs
+    from ..outliers.features import TeacherOutputCache
+
+    data_key = dataset_fingerprint(train_set) if cache_dir else None
+    if data_key is None:
+        return compute_teacher_outputs(teacher, train_set, batch_size=batch_size)
+    ident = json.dumps(teacher.identity(), sort_keys=True, default=str)
+    path = Path(cache_dir) / f"train-{hashlib.sha256((ident + data_key).encode()).hexdigest()[:24]}"
+    cache = TeacherOutputCache.build(teacher, train_set, path, in_memory=True, batch_size=batch_size, progress=False)
+    cache.require(teacher)
+    return cache.lookup(torch.arange(len(cache)))
+
+
 def make_teacher_fn(teacher: Any, train_set: Any, cfg: TrainConfig):
     """Live teacher, or cached outputs when the ID images are not augmented and caching is on."""
     import torch
 
     augment = cfg.data.augment.flip or cfg.data.augment.crop_padding
     if cfg.teacher.cache and not augment:
-        from ..models.teachers import compute_teacher_outputs
-
-        logits, feats = compute_teacher_outputs(teacher, train_set, batch_size=cfg.data.eval_batch_size)
+        logits, feats = cached_teacher_outputs(teacher, train_set, cfg.teacher.cache_dir, cfg.data.eval_batch_size)
         from ..utils.device import resolve_device
 
         device = resolve_device(cfg.device)

@@ -55,6 +55,7 @@ class OptimConfig(StrictModel):
 class TeacherRefConfig(StrictModel):
     checkpoint: Optional[str] = None  # a fine-tuned teacher (oaml teacher finetune)
     cache: bool = True  # use cached teacher outputs when the ID images are not augmented
+    cache_dir: Optional[str] = None  # keep those outputs on disk here, keyed by teacher and image content (reused by later runs)
     device_cache_mb: float = Field(2048, ge=0)  # on CUDA, a cache up to this size is kept on the GPU
 
 
