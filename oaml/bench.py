@@ -144,6 +144,16 @@ def paired_difference(a: List[float], b: List[float]) -> Dict[str, Any]:
     return {"mean": mean, "ci95": ci, "n": n, "excludes_zero": ci is not None and (ci[0] > 0 or ci[1] < 0)}
 
 
+def _val_curve(summaries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Validation accuracy (%) per epoch over seeds: [{"epoch", "mean", "std", "n"}]."""
+    by_epoch: Dict[int, List[float]] = {}
+    for summ in summaries:
+        for row in summ.get("history", []):
+            if row.get("val_acc") is not None:
+                by_epoch.setdefault(int(row["epoch"]), []).append(100.0 * float(row["val_acc"]))
+    return [{"epoch": e, **aggregate(v)} for e, v in sorted(by_epoch.items())]
+
+
 def _aggregate_evals(evals: List[Dict[str, Any]]) -> Dict[str, Any]:
     """ID accuracy and every score's per-set and group metrics (and OOD-val, when every evaluation
     has it) of one run's evaluations, as mean +- std over them."""
@@ -319,6 +329,7 @@ class Bench:
                 "method": runs[name].method.model_dump(mode="json"),
                 "init": runs[name].init,
                 "epochs": per_seed[min(per_seed)]["train"]["epochs"],
+                "val_curve": _val_curve([v["train"] for v in per_seed.values()]),
             }
         agg: Dict[str, Any] = {"methods": methods, "oe_groups": self.oe_groups()}
         teacher = self.out / "shared" / "eval" / "teacher" / "results.json"

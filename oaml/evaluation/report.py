@@ -336,6 +336,11 @@ def bench_markdown(agg: Dict[str, Any], main_scores: Sequence[str], notes: Seque
         lines += ["", "## Other scores (all OOD sets, AUROC)", "", "| method | " + " | ".join(s.upper() for s in other) + " |", "|---|" + "---|" * len(other)]
         for name, m in methods.items():
             lines.append("| " + " | ".join([name] + [_ms(m["scores"][s]["all"]["auroc"]) if s in m["scores"] else "-" for s in other]) + " |")
+    curve = methods.get("vanilla", {}).get("val_curve") or []
+    if curve:
+        lines += ["", "## Vanilla convergence (ID validation accuracy per epoch, mean ± std over seeds)", "",
+                  "| epoch | " + " | ".join(str(c["epoch"]) for c in curve) + " |", "|---|" + "---|" * len(curve),
+                  "| val acc | " + " | ".join(_ms(c, 2) for c in curve) + " |"]
     lines += ["", "## Methods", ""]
     for name, m in methods.items():
         terms = m["method"].get("terms") or {}
