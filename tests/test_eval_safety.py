@@ -283,3 +283,26 @@ def test_teacher_scores_it_cannot_support_are_skipped_with_the_reason(tiny, teac
     assert set(res["scores"]) == {"ebo"}
     assert "feature maps" in res["skipped"]["gram"] and "linear head" in res["skipped"]["vim"]
     assert json.loads((tmp_path / "t" / "results.json").read_text())["skipped"] == res["skipped"]
+
+
+def test_overwrite_of_train_run_and_bench_removes_only_what_they_write(tmp_path):
+    """--overwrite of oaml train / run / bench deletes the command's own outputs, never the user's files."""
+    from oaml.cli.common import BENCH_OUTPUTS, PIPELINE_OUTPUTS, TRAIN_OUTPUTS, prepare_out, remove_outputs
+
+    for i, names in enumerate((TRAIN_OUTPUTS, PIPELINE_OUTPUTS, BENCH_OUTPUTS)):
+        out = tmp_path / f"cmd{i}"
+        out.mkdir(parents=True)
+        for n in names:
+            (out / n).mkdir() if "." not in n else (out / n).write_text("oaml's")
+        (out / "notes.txt").write_text("the user's own file")
+        (out / "mine").mkdir()
+        (out / "mine" / "a.txt").write_text("kept")
+        remove_outputs(out, names)
+        assert sorted(p.name for p in out.iterdir()) == ["mine", "notes.txt"]
+        assert (out / "mine" / "a.txt").read_text() == "kept"
+    out = tmp_path / "train"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"x")
+    (out / "notes.txt").write_text("the user's own file")
+    prepare_out(out, resume=False, overwrite=True, marker="last.pt")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -30,8 +30,33 @@ def prepare_out(out: str | Path, resume: bool, overwrite: bool, marker: str, nee
                 "pass --overwrite to replace them or choose another --out"
             raise ConfigError(f"{out} already holds results ({marker}); {how}")
         check_writable(out, need_bytes)  # before deleting anything
-        shutil.rmtree(out)
+        remove_outputs(out, TRAIN_OUTPUTS)
     return check_writable(out, need_bytes)
+
+
+#: what each command writes into its --out; --overwrite removes these and nothing else
+TRAIN_OUTPUTS = ("last.pt", "best.pt", "log.csv", "summary.json", "config.yaml", "tensorboard")
+PIPELINE_OUTPUTS = ("config.yaml", "report.md", "report.json", "teacher", "banks", "students", "eval")
+BENCH_OUTPUTS = ("config.yaml", "results.md", "results.json", "plots", "shared", "runs")
+
+
+def remove_outputs(out: str | Path, names) -> None:
+    """``--overwrite``: delete the entries of ``out`` that the command writes (``names``), and only
+    those; anything else in the folder (the user's own files) is kept and listed in the log."""
+    import logging
+
+    out = Path(out)
+    if not out.is_dir():
+        return
+    for name in names:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    kept = sorted(q.name for q in out.iterdir())
+    if kept:
+        logging.getLogger(__name__).info("--overwrite kept what oaml did not write in %s: %s", out, ", ".join(kept))
 
 
 DATA_ROOT_HELP = "data root (default: $OAML_DATA or ~/.cache/oaml/data)"

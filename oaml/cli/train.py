@@ -17,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--config", help="training config YAML (see configs/)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, summary.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
+    p.add_argument("--overwrite", action="store_true", help="delete what an earlier run wrote in --out first (other files are kept)")
     add_set_argument(p)
     add_progress_argument(p)
     p.set_defaults(func=run)
