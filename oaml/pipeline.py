@@ -166,13 +166,11 @@ class Pipeline:
     def pending_shared(self, need: set) -> int:
         """How many of the shared stages (teacher, bank, C-OOD, D-OOD, image outliers) that ``need``
         asks for have no complete output yet."""
-        from .outliers.images import complete
-
         banks = self.out / "banks"
         todo = {"teacher": not self.cfg.teacher.checkpoint and not (self.out / "teacher" / "teacher.pt").is_file(),
                 "bank": not _complete(banks / "id_features"), "cood": not _complete(banks / "cood"),
                 "dood": self.cfg.generator.enabled and not _complete(banks / "dood"),
-                "image_outliers": not complete(banks / "image_outliers")}
+                "image_outliers": not _complete(banks / "image_outliers")}
         need = set(need) | ({"teacher", "bank"} if need & {"cood", "dood", "image_outliers"} else set())
         need |= {"cood"} if "dood" in need else set()
         return sum(1 for k in need if todo.get(k))
@@ -268,10 +266,10 @@ class Pipeline:
         return path
 
     def image_outliers(self) -> Path:
-        from .outliers.images import build_image_outliers, complete
+        from .outliers.images import build_image_outliers
 
         path = self.out / "banks" / "image_outliers"
-        if complete(path):
+        if _complete(path):
             return path
         teacher, id_bank = self.teacher(), self.bank()
         t0 = self._stage("teacher-selected image outliers")

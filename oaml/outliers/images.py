@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal
 
 import numpy as np
 import torch
@@ -215,6 +215,3 @@ class ImageOutlierSet:
     def meta(self) -> Dict[str, Any]:
         return self.manifest
 
-
-def complete(path: Optional[str | Path]) -> bool:
-    return path is not None and (Path(path) / "manifest.json").is_file() and bool(read_json(Path(path) / "manifest.json").get("complete"))

@@ -509,9 +509,9 @@ class Trainer:
         parameters take Adam steps on their own loss; estimators fit in their ``post_step``."""
         if steps <= 0:
             return
-        params = [p for t in self.terms.values() for grp in t.student_param_groups() for p in grp["params"]]
-        opt = torch.optim.Adam(params, lr=1e-3) if params else None
-        trained = [n for n, t in self.terms.items() if any(True for grp in t.student_param_groups() for _ in grp["params"])]
+        own = {n: [p for grp in t.student_param_groups() for p in grp["params"]] for n, t in self.terms.items()}
+        trained = [n for n, ps in own.items() if ps]  # terms with parameters of their own in the student's optimiser
+        opt = torch.optim.Adam([p for n in trained for p in own[n]], lr=1e-3) if trained else None
         g = torch.Generator().manual_seed((_seed_for(self.cfg.seed, 0) + 7919) % (2**63 - 1))
         n, bs = len(self.train), self.cfg.data.batch_size
         self.model.eval()
