@@ -232,3 +232,31 @@ def test_teacher_outputs_are_cached_by_teacher_and_image_content(tmp_path, monke
     other = TinyImages(40, seed=3)  # same count and name, other images: never the old outputs
     fresh = build.cached_teacher_outputs(Counting(), other, str(tmp_path), 16)
     assert torch.allclose(fresh[1], FakeTeacher().outputs(other.images)[1])
+
+
+def test_contrastive_is_infonce_with_outliers_and_other_classes_as_negatives(tmp_path):
+    from oaml.training.state import StepState
+
+    tr = _trainer(tmp_path, _cfg("oaml-kd", kd_feat={"weight": 0}, contrastive={"per_step": 6, "tau": 0.2}), "crd")
+    term = tr.terms["contrastive"]
+    sgd = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in sgd for p in term.proj.parameters())  # P trains with the student
+    g = torch.Generator().manual_seed(0)
+    f, t = torch.randn(6, tr.model.feature_dim, generator=g), torch.randn(6, 8, generator=g)
+    labels = torch.tensor([0, 0, 1, 2, 2, 3])
+    s = StepState(images=None, labels=labels, logits=None, features=f, generator=torch.Generator().manual_seed(1),
+                  epoch=0, step=0, teacher_features=t)
+    value = term(s)
+    # re-expressed: the same draw of outlier negatives, then -log softmax of the positive
+    idx = torch.randint(0, term.outliers.shape[0], (6,), generator=torch.Generator().manual_seed(1))
+    q, tn, o = F.normalize(term.proj(f), dim=1), F.normalize(t, dim=1), term.outliers[idx]
+    expected = 0.0
+    for i in range(6):
+        negs = [q[i] @ o[j] for j in range(6)] + [q[i] @ tn[j] for j in range(6) if labels[j] != labels[i]]
+        logits = torch.stack([q[i] @ tn[i]] + negs) / 0.2
+        expected = expected - torch.log_softmax(logits, 0)[0] / 6
+    assert torch.allclose(value, expected, atol=1e-5)
+    row = tr.fit()["history"][-1]
+    assert np.isfinite(row["contrastive"])
+    with pytest.raises(ConfigError, match="needs negatives"):
+        _trainer(tmp_path, _cfg("oaml-kd", contrastive={"per_step": 0, "other_classes": False}), "crd2")

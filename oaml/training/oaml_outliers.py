@@ -20,6 +20,18 @@ built, so no teacher runs during training.
 feature to the student's penultimate feature, fitted on the ID batch with its own Adam (MSE to
 the detached student feature, after each step). C-OOD (and/or D-OOD) vectors mapped by R
 (detached) are scored by the student's own head with a uniform-target (OE) or energy-margin loss.
+
+``contrastive`` (CRD-style, in the teacher's space): a head P maps the student's penultimate
+feature to the teacher's feature space; with q = P(f_S(x))/|P(f_S(x))| and every other vector
+L2-normalised, InfoNCE with the image's own teacher feature t(x) as the positive and, as
+negatives, ``per_step`` C-OOD (and/or D-OOD) vectors plus the teacher features of the batch's
+images of other classes:
+
+    L = -log exp(q.t(x)/tau) / [exp(q.t(x)/tau) + sum_n exp(q.n/tau)]
+
+P trains with the student. Tian et al., "Contrastive Representation Distillation", ICLR 2020
+(here with the boundary outliers as extra negatives, so the student's feature is pulled to its
+teacher feature and away from the outliers around the class).
 """
 
 from __future__ import annotations
@@ -187,3 +199,60 @@ class FeatureOutlierTerm(Term):
             F.mse_loss(pred, s.features.detach()).backward()
             self._opt.step()
         self._opt.zero_grad(set_to_none=True)
+
+
+class ContrastiveTermConfig(TermConfig):
+    weight: float = 0.5
+    banks: List[Literal["cood", "dood"]] = ["cood"]
+    per_step: int = Field(256, ge=0, description="outlier vectors used as negatives per step")
+    other_classes: bool = Field(True, description="the batch's teacher features of other classes are negatives too")
+    tau: float = Field(0.1, gt=0)
+    hidden: Optional[int] = Field(None, ge=1)  # None: P is linear
+
+    @model_validator(mode="after")
+    def _some_negatives(self):
+        if not self.per_step and not self.other_classes:
+            raise ValueError("contrastive needs negatives: per_step > 0 or other_classes: true")
+        return self
+
+
+@TERMS.register("contrastive")
+class ContrastiveTerm(Term):
+    config_cls = ContrastiveTermConfig
+    requires = frozenset({"teacher"})
+
+    def __init__(self, cfg: ContrastiveTermConfig, ctx: BuildContext):
+        super().__init__(cfg, ctx)
+        if ctx.teacher_feature_dim is None:
+            raise ConfigError("contrastive needs a teacher (teacher.checkpoint)")
+        vecs = []
+        for key in (cfg.banks if cfg.per_step else []):
+            if key not in ctx.banks:
+                raise ConfigError(f"contrastive uses the {key.upper()} bank, which this run does not have "
+                                  "(set per_step: 0 for other-class negatives only)")
+            bank = ctx.banks[key]
+            if bank.dim != ctx.teacher_feature_dim:
+                raise ConfigError(
+                    f"contrastive: the {key.upper()} bank holds {bank.dim}-d vectors, the teacher's features are "
+                    f"{ctx.teacher_feature_dim}-d (a Stable Diffusion D-OOD bank is not in the teacher's space); use banks: [cood]"
+                )
+            vecs.append(torch.from_numpy(np.asarray(bank.to_numpy()[0], dtype=np.float32)))
+        out = F.normalize(torch.cat(vecs), dim=1) if vecs else torch.zeros(0, ctx.teacher_feature_dim)
+        self.register_buffer("outliers", out, persistent=False)
+        d_t, d_s = ctx.teacher_feature_dim, ctx.feature_dim
+        self.proj = (nn.Linear(d_s, d_t) if cfg.hidden is None
+                     else nn.Sequential(nn.Linear(d_s, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, d_t)))
+
+    def forward(self, s: StepState) -> torch.Tensor:
+        q = F.normalize(self.proj(s.features), dim=1)
+        t = F.normalize(s.teacher_features.to(q.dtype), dim=1)
+        pos = (q * t).sum(dim=1, keepdim=True)
+        parts = [pos]
+        if self.cfg.per_step:
+            idx = torch.randint(0, self.outliers.shape[0], (self.cfg.per_step,), generator=s.generator)
+            parts.append(q @ self.outliers[idx.to(self.outliers.device)].to(q.dtype).T)
+        if self.cfg.other_classes:
+            same = s.labels[:, None] == s.labels[None, :]
+            parts.append((q @ t.T).masked_fill(same, float("-inf")))
+        logits = torch.cat(parts, dim=1) / self.cfg.tau
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
