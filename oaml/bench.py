@@ -167,8 +167,17 @@ def _aggregate_evals(evals: List[Dict[str, Any]]) -> Dict[str, Any]:
         scores[score].update({g: agg([e["scores"][score][g] for e in evals]) for g in GROUPS if g in first})
     out: Dict[str, Any] = {"id_accuracy": aggregate([e["id_accuracy"] for e in evals]), "scores": scores}
     if all("ood_val" in e for e in evals):
-        out["ood_val"] = {s: agg([e["ood_val"]["scores"][s]["all"] for e in evals]) for s in evals[0]["ood_val"]["scores"]}
+        val = [e["ood_val"]["scores"] for e in evals]
+        out["ood_val"] = {s: agg([v[s]["all"] for v in val]) for s in val[0]}
+        if all("oe_disjoint" in v[s] for v in val for s in val[0]):
+            out["ood_val_oe_disjoint"] = {s: agg([v[s]["oe_disjoint"] for v in val]) for s in val[0]}
     return out
+
+
+def _split_by_oe(refs) -> Dict[str, List[str]]:
+    groups = {"oe_disjoint": [r.name for r in refs if not getattr(r, "shares_oe_source", False)],
+              "oe_overlap": [r.name for r in refs if getattr(r, "shares_oe_source", False)]}
+    return {g: names for g, names in groups.items() if names}
 
 
 def _paired(found: Dict[str, Dict[int, Dict[str, Any]]], ref: str) -> Dict[str, Any]:
@@ -189,6 +198,11 @@ def _paired(found: Dict[str, Dict[int, Dict[str, Any]]], ref: str) -> Dict[str, 
                       for g in GROUPS if g in a0["scores"][s] and g in b0["scores"][s]}
                   for s in a0["scores"] if s in b0["scores"]}
         out[name] = {"id_accuracy": diff(lambda e: e["id_accuracy"]), "scores": scores}
+        if pairs and "ood_val" in a0 and "ood_val" in b0:  # what a method is chosen on: OOD-val, never a test set
+            va, vb = a0["ood_val"]["scores"], b0["ood_val"]["scores"]
+            out[name]["ood_val"] = {s: {g: {m: diff(lambda e: e["ood_val"]["scores"][s][g][m]) for m in PAIRED_METRICS}
+                                        for g in ("all", "oe_disjoint") if g in va[s] and g in vb[s]}
+                                    for s in va if s in vb}
     return out
 
 
@@ -288,21 +302,27 @@ class Bench:
         family with them: {"oe_disjoint": [...], "oe_overlap": [...]} (a group without sets is left out)."""
         from .data import get_benchmark
 
-        refs = get_benchmark(self.cfg.pipeline.benchmark).ood_test_sets
-        groups = {"oe_disjoint": [r.name for r in refs if not getattr(r, "shares_oe_source", False)],
-                  "oe_overlap": [r.name for r in refs if getattr(r, "shares_oe_source", False)]}
-        return {g: names for g, names in groups.items() if names}
+        return _split_by_oe(get_benchmark(self.cfg.pipeline.benchmark).ood_test_sets)
+
+    def oe_val_groups(self) -> Dict[str, List[str]]:
+        """The same split of the benchmark's OOD-val sets."""
+        from .data import get_benchmark
+
+        return _split_by_oe(get_benchmark(self.cfg.pipeline.benchmark).ood_val)
 
     def _load_eval(self, path: Path) -> Dict[str, Any]:
         """An evaluation's results.json, with the ``oe_disjoint`` / ``oe_overlap`` means per score
         added (plain means over that group's sets, like near / far / all)."""
         res = json.loads(path.read_text())
-        overlap = set(self.oe_groups().get("oe_overlap", []))
-        for entry in res["scores"].values():
-            ds = entry["datasets"]
-            for group, names in (("oe_disjoint", [n for n in ds if n not in overlap]), ("oe_overlap", [n for n in ds if n in overlap])):
-                if names:
-                    entry[group] = {m: float(np.mean([ds[n][m] for n in names])) for m in METRICS}
+        parts = [(res["scores"], set(self.oe_groups().get("oe_overlap", [])))]
+        if "ood_val" in res:
+            parts.append((res["ood_val"]["scores"], set(self.oe_val_groups().get("oe_overlap", []))))
+        for entries, overlap in parts:
+            for entry in entries.values():
+                ds = entry["datasets"]
+                for group, names in (("oe_disjoint", [n for n in ds if n not in overlap]), ("oe_overlap", [n for n in ds if n in overlap])):
+                    if names:
+                        entry[group] = {m: float(np.mean([ds[n][m] for n in names])) for m in METRICS}
         return res
 
     def collect(self) -> Dict[str, Dict[int, Dict[str, Any]]]:

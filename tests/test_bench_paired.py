@@ -155,3 +155,32 @@ def test_teacher_row_and_missing_reference(fake_out):
     assert res["paired"]["methods"]["logitnorm"]["id_accuracy"]["n"] == 0
     assert "## Paired" not in (fake_out / "results.md").read_text()
     assert "paired" not in Bench(_cfg(delta_vs=None), fake_out).aggregate()
+
+
+def test_ood_val_groups_and_paired_selection_table(tmp_path):
+    """OOD-val sets split like the test sets (Textures*-val shares the OE pool's family), and the
+    paired OOD-val differences a method is chosen on: all sets and OE-disjoint sets."""
+    val_sets = {"MNIST-val": 0.0, "Blobs-val": 4.0, "Textures*-val": 10.0}  # logitnorm's gain per set x (seed + 1)
+    for method in ACC:
+        for k, seed in enumerate(SEEDS):
+            base = tmp_path / "runs" / f"seed{seed}"
+            (base / "eval" / method).mkdir(parents=True)
+            (base / "students" / method).mkdir(parents=True)
+            res = _eval(ACC[method][k], lambda i, s: _auroc(method, seed, i, s))
+            vs = {}
+            for s in SCORES:
+                ds = {n: {**{m: 70.0 + seed + ((seed + 1) * g if method == "logitnorm" else 0) for m in METRICS}, "group": "val"}
+                      for n, g in val_sets.items()}
+                vs[s] = {"datasets": ds, "all": {m: sum(d[m] for d in ds.values()) / 3 for m in METRICS}}
+            res["ood_val"] = {"scores": vs}
+            (base / "eval" / method / "results.json").write_text(json.dumps(res))
+            (base / "students" / method / "summary.json").write_text(json.dumps({"seconds_per_epoch": 1.0, "epochs": 2}))
+    agg = Bench(_cfg(), tmp_path).report()["results"]
+    v = agg["paired"]["methods"]["logitnorm"]["ood_val"]["ebo"]
+    assert v["all"]["auroc"]["mean"] == pytest.approx(2.0 * 14 / 3) and v["all"]["auroc"]["n"] == 3
+    assert v["oe_disjoint"]["auroc"]["mean"] == pytest.approx(2.0 * 2.0)  # MNIST-val and Blobs-val only
+    assert agg["methods"]["vanilla-cont"]["ood_val_oe_disjoint"]["ebo"]["auroc"]["mean"] == pytest.approx(71.0)
+    md = (tmp_path / "results.md").read_text()
+    table = md[md.index("### Paired differences to `vanilla-cont` on OOD-val"):]
+    assert "(OE-disjoint OOD-val sets)" in table
+    assert "| logitnorm | 3 | " in table and "+9.33 [" in table and "+4.00 [" in table

@@ -234,10 +234,12 @@ FMNIST = register_benchmark(Benchmark(
         R("Uniform", "uniform-noise", "test", "far"),
         R("Blobs", "blobs", "test", "far"),
     ],
-    ood_val=[
+    ood_val=[  # three OE-disjoint sets and two that share the OE pool's source family
         R("MNIST-val", "mnist", "val", "val"),
-        R("Textures*-val", "textures", "val", "val", substitute_for="Textures (DTD)"),
-        R("Photos*-val", "photos", "val", "val", substitute_for="Places365"),
+        R("sklearn-digits-val", "sklearn-digits", "val", "val"),
+        R("Blobs-val", "blobs", "val", "val"),
+        R("Textures*-val", "textures", "val", "val", substitute_for="Textures (DTD)", shares_oe_source=True),
+        R("Photos*-val", "photos", "val", "val", substitute_for="Places365", shares_oe_source=True),
     ],
     oe=[
         R("Textures*-oe", "textures", "oe", "oe", substitute_for="Textures (DTD)"),
@@ -257,7 +259,7 @@ register_benchmark(dataclasses.replace(
           "0..5 = " + ", ".join(f"{i}: {FMNIST_CLASSES[c]}" for i, c in enumerate(FMNIST_OPENSET_ID)) + "; held out: "
           + ", ".join(FMNIST_CLASSES[c] for c in FMNIST_OPENSET_HELDOUT) + " (each has a close ID class: Pullover~Coat, "
           "Shirt~T-shirt/Coat, Dress~T-shirt/Coat, Ankle boot~Sneaker/Sandal). ID train/val/test are fashion-mnist's, "
-          "ID classes only (val = 3,000 held out of TRAIN). OOD-val (MNIST, textures, photos) and the OE pool (patches) "
+          "ID classes only (val = 3,000 held out of TRAIN). OOD-val (MNIST, digits, blobs, textures, photos) and the OE pool (patches) "
           "hold no Fashion-MNIST image.",
 ), "fmnist-6")
 

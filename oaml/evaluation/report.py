@@ -321,6 +321,18 @@ def bench_markdown(agg: Dict[str, Any], main_scores: Sequence[str], notes: Seque
             ranked = sorted(((m["ood_val"][s]["auroc"]["mean"], n) for n, m in methods.items() if "ood_val" in m and s in m["ood_val"]), reverse=True)
             if ranked:
                 lines.append(f"\nBest on OOD-val by {s.upper()} AUROC: **{ranked[0][1]}** ({ranked[0][0]:.2f}).")
+        val_paired = {n: m["ood_val"] for n, m in paired.items() if m.get("ood_val")}
+        if val_paired:
+            groups_v = [g for g in ("all", "oe_disjoint") if any(g in v.get(s, {}) for v in val_paired.values() for s in main_scores)]
+            cols = [(s, g, k) for s in main_scores for g in groups_v for k in ("auroc", "fpr95")]
+            label = {"auroc": "ΔAUROC ↑", "fpr95": "ΔFPR@95 ↓"}
+            title = {"all": "all OOD-val sets", "oe_disjoint": "OE-disjoint OOD-val sets"}
+            lines += ["", f"### Paired differences to `{agg['paired']['delta_vs']}` on OOD-val (what a method is chosen on)", "",
+                      "| method | n | " + " | ".join(f"{s.upper()} {label[k]} ({title[g]})" for s, g, k in cols) + " |",
+                      "|---|---|" + "---|" * len(cols)]
+            for n, v in val_paired.items():
+                cells = [n, str(paired[n]["id_accuracy"]["n"])] + [_delta(v.get(s, {}).get(g, {}).get(k)) for s, g, k in cols]
+                lines.append("| " + " | ".join(cells) + " |")
     for s in main_scores:
         first = next((m["scores"][s] for m in methods.values() if s in m["scores"]), None)
         if first is None:
