@@ -260,3 +260,12 @@ def test_contrastive_is_infonce_with_outliers_and_other_classes_as_negatives(tmp
     assert np.isfinite(row["contrastive"])
     with pytest.raises(ConfigError, match="needs negatives"):
         _trainer(tmp_path, _cfg("oaml-kd", contrastive={"per_step": 0, "other_classes": False}), "crd2")
+
+
+def test_terms_require_the_banks_their_settings_name():
+    from oaml.training.build import method_requirements
+
+    assert method_requirements(MethodConfig(name="oaml", terms={"contrastive": {}})) >= {"teacher", "cood", "image_outliers"}
+    assert "dood" in method_requirements(MethodConfig(name="oaml-kd", terms={"contrastive": {"banks": ["cood", "dood"]}}))
+    assert "cood" not in method_requirements(MethodConfig(name="oaml-kd", terms={"contrastive": {"per_step": 0}}))
+    assert "dood" in method_requirements(MethodConfig(name="oaml-kd", terms={"feature_outliers": {"banks": ["dood"]}}))

@@ -30,8 +30,8 @@ def limited(dataset, limit: Optional[int], seed: int):
 def method_requirements(method: MethodConfig) -> set:
     """What a method's terms need: ``teacher``, ``aux`` images, ``cood`` / ``dood`` banks."""
     req: set = set()
-    for name in resolve_terms(method):
-        req |= set(TERMS.get(name).requires)
+    for name, settings in resolve_terms(method).items():
+        req |= set(TERMS.get(name).requirements(settings))
     return req
 
 

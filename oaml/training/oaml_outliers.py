@@ -156,6 +156,10 @@ class FeatureOutlierTerm(Term):
     config_cls = FeatureOutlierTermConfig
     requires = frozenset({"teacher", "cood"})
 
+    @classmethod
+    def requirements(cls, settings):
+        return frozenset({"teacher", *settings.get("banks", ["cood"])})
+
     def __init__(self, cfg: FeatureOutlierTermConfig, ctx: BuildContext):
         super().__init__(cfg, ctx)
         if ctx.teacher_feature_dim is None:
@@ -219,7 +223,11 @@ class ContrastiveTermConfig(TermConfig):
 @TERMS.register("contrastive")
 class ContrastiveTerm(Term):
     config_cls = ContrastiveTermConfig
-    requires = frozenset({"teacher"})
+    requires = frozenset({"teacher", "cood"})
+
+    @classmethod
+    def requirements(cls, settings):
+        return frozenset({"teacher", *(settings.get("banks", ["cood"]) if settings.get("per_step", 1) else [])})
 
     def __init__(self, cfg: ContrastiveTermConfig, ctx: BuildContext):
         super().__init__(cfg, ctx)

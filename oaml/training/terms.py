@@ -88,6 +88,12 @@ class Term(nn.Module):
         self.cfg = cfg
         self.weight = float(cfg.weight)
 
+    @classmethod
+    def requirements(cls, settings: Dict[str, Any]) -> frozenset:
+        """What this term needs with these settings (default: ``requires``); terms whose banks are a
+        setting add them, so the pipeline builds exactly those."""
+        return cls.requires
+
     def student_parameters(self) -> Iterable[nn.Parameter]:
         """Parameters updated by the student's optimiser together with the student."""
         return self.parameters()

@@ -205,7 +205,7 @@ class Trainer:
         self.term_cfgs = resolve_terms(cfg.method)
         self.terms: Dict[str, Term] = {}
         for name, tcfg in self.term_cfgs.items():
-            missing = self._missing_requirements(TERMS.get(name), ctx)
+            missing = self._missing_requirements(TERMS.get(name).requirements(tcfg), ctx)
             if missing:
                 raise ConfigError(f"loss term {name!r} of method {cfg.method.name!r} needs {missing}")
             self.terms[name] = build_term(name, tcfg, ctx).to(self.device)
@@ -269,13 +269,13 @@ class Trainer:
         return any("teacher" in t.requires for t in self.terms.values())
 
     @staticmethod
-    def _missing_requirements(term: Any, ctx: BuildContext) -> Optional[str]:
-        if "aux" in term.requires and not ctx.aux_available:
+    def _missing_requirements(requires: frozenset, ctx: BuildContext) -> Optional[str]:
+        if "aux" in requires and not ctx.aux_available:
             return "auxiliary outlier images (the benchmark's outlier-exposure pool)"
         for bank in ("cood", "dood"):
-            if bank in term.requires and bank not in ctx.banks:
+            if bank in requires and bank not in ctx.banks:
                 return f"a {bank[0].upper()}-OOD bank (outliers.{bank}_bank)"
-        if "teacher" in term.requires and ctx.teacher_feature_dim is None:
+        if "teacher" in requires and ctx.teacher_feature_dim is None:
             return "a teacher (teacher.checkpoint)"
         return None
 
