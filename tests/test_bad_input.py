@@ -426,9 +426,10 @@ def _feature_set(seed, n=60, C=4, D=12, labels=True):
 
 
 def _feature_scores():
-    from oaml.scores import SCORES
+    from oaml.scores import SCORES, Score
 
-    return [n for n in SCORES.names() if not SCORES.get(n).requires_model]
+    # scores of inner-layer activations (mds_multi) check theirs in tests/test_scores_inner.py
+    return [n for n in SCORES.names() if not SCORES.get(n).requires_model and SCORES.get(n).needed_layers is Score.needed_layers]
 
 
 @pytest.mark.parametrize("name", _feature_scores())
@@ -436,7 +437,7 @@ def _feature_scores():
 def test_non_finite_logits_or_features_are_an_error_in_every_score(name, field, value):
     from oaml.scores import FeatureSet, create_score
 
-    kw = {"vim": {"dim": 4}, "knn": {"K": 5}}.get(name, {})
+    kw = {"vim": {"dim": 4}, "knn": {"K": 5}, "nnguide": {"K": 5, "bank_fraction": 1.0}}.get(name, {})
     train, head = _feature_set(0)
     test, _ = _feature_set(1, labels=False)
     score = create_score(name, **kw)

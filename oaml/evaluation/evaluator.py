@@ -9,7 +9,9 @@ results is a percentage (``results["units"]``). ``results["settings"]`` holds ``
 each score's settings as fitted (its hyperparameters plus what fitting resolved, e.g. ViM's
 ``dim_``, ReAct's ``threshold_``); ``results["skipped_files"]`` the unreadable files ``skip_bad``
 dropped per split. A score that needs what the model does not expose (a linear head, feature
-maps) is skipped, with the reason, under ``results["skipped"]``.
+maps, known inner layers) is skipped, with the reason, under ``results["skipped"]``. The pooled
+activations of the inner layers that the scores read (``Score.needed_layers``, e.g. MDS-multi's
+four ResNet stages) are extracted with the features, once per split, and cached with them.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class Evaluator:
         self.search = dict(search or {})
         self.search_metric = search_metric
         self._check_scores()
+        self.layer_names = self._needed_layers()
         for name in self.search:
             if name not in self.score_names:
                 raise ConfigError(f"a search grid is given for {name!r}, which is not among the scores evaluated")
@@ -140,17 +143,36 @@ class Evaluator:
         if problems:
             raise ConfigError("; ".join(problems))
 
+    def _needed_layers(self) -> list:
+        """The union (in order) of the inner layers the scores read from ``FeatureSet.layers``
+        (:meth:`Score.needed_layers`), extracted once per split; names are checked now, before any
+        work. A score whose layers the model lacks (NotImplementedError) adds none and is skipped
+        with the reason when its turn comes."""
+        from ..scores import create_score
+        from ..scores.base import find_modules
+
+        names: list = []
+        for name in self.score_names:
+            try:
+                need = create_score(name, **self._score_kwargs(name)).needed_layers(self.model)
+            except NotImplementedError:
+                continue
+            find_modules(self.model, need, name)
+            names += [n for n in need if n not in names]
+        return names
+
     # ---------------------------------------------------------------------------------------
     def features(self, key: str, dataset: Dataset):
         same = [k for k, d in self.splits.items() if d is dataset and k in self._feats]  # e.g. id_val = id_train
         if same:
             return self._feats[same[0]]
         if key not in self._feats:
+            more = {"layers": list(self.layer_names)} if self.layer_names else {}
             compute = lambda: extract_features(  # noqa: E731
-                self.model, self.preprocess, dataset, self.batch_size, self.device, self.progress, desc=key
+                self.model, self.preprocess, dataset, self.batch_size, self.device, self.progress, desc=key, **more
             )
             meta = {"count": len(dataset), "preprocess": getattr(self.preprocess, "config", lambda: {})(),  # type: ignore[arg-type]
-                    "content": dataset_fingerprint(dataset) if self.cache else None}
+                    "content": dataset_fingerprint(dataset) if self.cache else None, **more}
             self._feats[key] = self.cache.get_or_compute(key, meta, compute) if meta["content"] else compute()
         return self._feats[key]
 
@@ -184,6 +206,7 @@ class Evaluator:
         from ..scores.search import search_hyperparameters
 
         score = create_score(name, **self._score_kwargs(name))
+        score.needed_layers(self.model)  # NotImplementedError (skipped, with the reason) before any fitting
         fit_split = {"train": "id_train", "val": "id_val"}.get(score.fit_on)
         fit_data = self.features(fit_split, self.splits[fit_split]) if fit_split else None
         if score.requires_model:

@@ -1,7 +1,9 @@
-"""Feature cache: logits and penultimate features, extracted once per (checkpoint, dataset split).
+"""Feature cache: logits and penultimate features (and, on request, pooled activations of named
+inner layers), extracted once per (checkpoint, dataset split).
 
-Every feature-based score fits and predicts from these; only the input-gradient / feature-map
-scores (ODIN, Gram) need the model again. Entries are safetensors files named and stamped by the
+Every feature-based score fits and predicts from these (multi-layer ones from the pooled inner
+activations, ``FeatureSet.layers``); only the input-gradient / feature-map scores (ODIN, Gram,
+MDS-ODIN, RankFeat, VRA, NAC, GradUncertainty) need the model again. Entries are safetensors files named and stamped by the
 checkpoint's sha256, the split, the preprocessing, the count and the dataset's content
 (:func:`dataset_fingerprint`: file paths, sizes and mtimes, or the bytes of in-memory images),
 so a stale entry (other checkpoint, other preprocessing, other images under the same name) is
@@ -14,7 +16,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,23 +53,41 @@ class PreprocessedLoader:
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, preprocess: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu", progress: bool = False, desc: str = "features"
+    model: nn.Module, preprocess: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu", progress: bool = False, desc: str = "features",
+    layers: Optional[Sequence[str]] = None,
 ):
-    """Run ``model.forward_features`` over ``dataset``; returns a :class:`~oaml.scores.base.FeatureSet`."""
+    """Run ``model.forward_features`` over ``dataset``; returns a :class:`~oaml.scores.base.FeatureSet`.
+
+    ``layers``: names of ``model.named_modules()`` (e.g. ``score.needed_layers(model)``) whose
+    outputs are recorded by forward hooks during the same pass, globally average-pooled to
+    (N, C_l) (:func:`~oaml.scores.base.pool_activation`), into ``FeatureSet.layers``. An unknown
+    name is a ConfigError listing valid ones; each module must run exactly once per forward.
+    """
     from ..utils.progress import progress_bar
 
-    from ..scores.base import FeatureSet
+    from ..scores.base import FeatureSet, check_ran_once, pool_activation, tap_layers
 
     model.eval()
+    names = list(dict.fromkeys(layers or ()))
     logits, feats, labels = [], [], []
+    acts: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+
+    def record(name: str, out: torch.Tensor) -> None:
+        # pooled at once: the model may change the output in place afterwards (``out += identity``)
+        acts[name].append(pool_activation(out, f"output of module {name!r}").float().cpu())
+
     n_batches = (len(dataset) + batch_size - 1) // batch_size  # type: ignore[arg-type]
-    for raw, y in progress_bar(_batches(dataset, batch_size), total=n_batches, desc=desc, disable=not progress, mininterval=2.0, leave=False):
-        lo, fe = model.forward_features(preprocess(raw.to(device)))
-        logits.append(lo.float().cpu())
-        feats.append(fe.float().cpu())
-        labels.append(torch.as_tensor(y).long())
-    fs = FeatureSet(logits=torch.cat(logits), features=torch.cat(feats), labels=torch.cat(labels))
+    with tap_layers(model, names, record) as counts:
+        for raw, y in progress_bar(_batches(dataset, batch_size), total=n_batches, desc=desc, disable=not progress, mininterval=2.0, leave=False):
+            lo, fe = model.forward_features(preprocess(raw.to(device)))
+            check_ran_once(counts)
+            logits.append(lo.float().cpu())
+            feats.append(fe.float().cpu())
+            labels.append(torch.as_tensor(y).long())
+    layer_acts = {n: torch.cat(v) for n, v in acts.items()} if names else None
+    fs = FeatureSet(logits=torch.cat(logits), features=torch.cat(feats), labels=torch.cat(labels), layers=layer_acts)
     bad = int((~torch.isfinite(fs.logits)).sum() + (~torch.isfinite(fs.features)).sum())
+    bad += sum(int((~torch.isfinite(v)).sum()) for v in (layer_acts or {}).values())
     if bad:
         raise NonFiniteError(f"the model produced {bad} non-finite logits/features on {desc}; the checkpoint is broken")
     return fs
@@ -110,10 +130,15 @@ def check_image_files(datasets: Iterable[Dataset], progress: bool = False) -> No
         )
 
 
+LAYER_PREFIX = "layer."  # safetensors key of FeatureSet.layers[name]
+
+
 class FeatureCache:
     """On-disk cache of :class:`FeatureSet` per (model identity, split, everything in ``meta``:
-    preprocessing, count, the dataset's content fingerprint); the file name holds a digest of all
-    of it, so entries of other content never share a file."""
+    preprocessing, count, the dataset's content fingerprint, and the inner layer names when
+    ``FeatureSet.layers`` is requested: the evaluator puts them in ``meta``); the file name holds
+    a digest of all of it, so entries of other content (or without the requested layers) never
+    share a file."""
 
     def __init__(self, root: str | Path, model_id: str):
         self.root = Path(root)
@@ -138,16 +163,18 @@ class FeatureCache:
                 if all(have.get(k) == v for k, v in want.items()):
                     t = load_file(str(path))
                     log.debug("feature cache hit %s", path)
-                    return FeatureSet(logits=t["logits"], features=t["features"], labels=t["labels"])
+                    names = json.loads(have.get("layer_names", "[]"))
+                    layers = {n: t[LAYER_PREFIX + n] for n in names} if names else None
+                    return FeatureSet(logits=t["logits"], features=t["features"], labels=t["labels"], layers=layers)
                 log.info("feature cache entry %s was made with other settings; recomputing", path)
             except Exception as exc:  # corrupt entry: recompute, never trust it
                 log.warning("feature cache entry %s is unreadable (%s); recomputing", path, exc)
         fs = compute()
         path.parent.mkdir(parents=True, exist_ok=True)
+        layers = fs.layers or {}
+        tensors = {"logits": fs.logits.contiguous(), "features": fs.features.contiguous(), "labels": fs.labels.contiguous()}
+        tensors.update({LAYER_PREFIX + n: v.contiguous() for n, v in layers.items()})
+        extra = {"layer_names": json.dumps(list(layers))} if layers else {}
         with atomic_path(path) as tmp:
-            save_file(
-                {"logits": fs.logits.contiguous(), "features": fs.features.contiguous(), "labels": fs.labels.contiguous()},
-                str(tmp),
-                metadata={**want, "count": str(len(fs.labels))},
-            )
+            save_file(tensors, str(tmp), metadata={**want, "count": str(len(fs.labels)), **extra})
         return fs

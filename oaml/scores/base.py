@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,7 +28,8 @@ import torch
 from ..errors import ConfigError, NonFiniteError, ShapeError
 from ..registry import Registry
 
-__all__ = ["FeatureSet", "Score", "SCORES", "create_score", "Head"]
+__all__ = ["FeatureSet", "Score", "SCORES", "create_score", "Head", "pool_activation", "find_modules",
+           "resnet_modules", "tap_layers", "check_ran_once", "frozen", "loader_batches"]
 
 SCORES: Registry = Registry("score")
 
@@ -38,14 +41,18 @@ class FeatureSet:
     """Cached network outputs of one split: what every feature score fits on and scores.
 
     ``logits`` (N, C) float, ``features`` (N, D) penultimate features, ``labels`` (N,) int64
-    with -1 for OOD samples (or None). Shapes are checked on construction; finiteness is
-    checked by each score (so a cache may hold what it was given). Scores compute on the CPU
-    (tensors elsewhere are copied there), except KNN, which takes a ``device`` argument.
+    with -1 for OOD samples (or None). ``layers`` (optional): activations of inner modules by
+    their ``model.named_modules()`` name, each globally average-pooled to (N, C_l) (what
+    :func:`~oaml.evaluation.features.extract_features` stores with ``layers=``; multi-layer
+    scores read them). Shapes are checked on construction; finiteness is checked by each score
+    (so a cache may hold what it was given). Scores compute on the CPU (tensors elsewhere are
+    copied there), except KNN, which takes a ``device`` argument.
     """
 
     logits: torch.Tensor
     features: torch.Tensor
     labels: Optional[torch.Tensor] = None
+    layers: Optional[Dict[str, torch.Tensor]] = None
 
     def __post_init__(self) -> None:
         for name in ("logits", "features", "labels"):
@@ -67,6 +74,21 @@ class FeatureSet:
                 raise ShapeError(f"FeatureSet.labels must be ({n},), got shape {tuple(self.labels.shape)}")
             if self.labels.dtype.is_floating_point or self.labels.dtype == torch.bool:
                 raise ShapeError(f"FeatureSet.labels must be integer class indices, got {self.labels.dtype}")
+        if self.layers is not None:
+            if not isinstance(self.layers, Mapping):
+                raise ShapeError(f"FeatureSet.layers must be a dict {{module name: (N, C) tensor}}, got {type(self.layers).__name__}")
+            layers = {}
+            for k, v in self.layers.items():
+                if not isinstance(k, str) or not k:
+                    raise ShapeError(f"FeatureSet.layers keys must be module names (non-empty str), got {k!r}")
+                v = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+                if v.ndim != 2 or v.shape[0] != n or not v.dtype.is_floating_point:
+                    raise ShapeError(
+                        f"FeatureSet.layers[{k!r}] must be ({n}, C) pooled float activations, got shape "
+                        f"{tuple(v.shape)} ({v.dtype})"
+                    )
+                layers[k] = v
+            self.layers = layers
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
@@ -74,9 +96,11 @@ class FeatureSet:
     def cpu(self) -> "FeatureSet":
         """This set with every tensor on the CPU (``self`` when they already are)."""
         ts = [self.logits, self.features] + ([self.labels] if self.labels is not None else [])
+        ts += list((self.layers or {}).values())
         if all(t.device.type == "cpu" for t in ts):
             return self
-        return FeatureSet(self.logits.cpu(), self.features.cpu(), None if self.labels is None else self.labels.cpu())
+        layers = None if self.layers is None else {k: v.cpu() for k, v in self.layers.items()}
+        return FeatureSet(self.logits.cpu(), self.features.cpu(), None if self.labels is None else self.labels.cpu(), layers)
 
     @property
     def num_classes(self) -> int:
@@ -157,6 +181,140 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+# ------------------------------------------------------------------------------ inner layers
+# Shared by feature extraction (``extract_features(..., layers=)``) and the scores that read or
+# edit inner activations (mds_multi, mds_odin, rankfeat, vra, nac, grad_uncertainty).
+
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def pool_activation(t: Any, what: str = "activation") -> torch.Tensor:
+    """Global average pool of a channel-first activation: (B, C, *spatial) -> (B, C); (B, C) as is."""
+    if not isinstance(t, torch.Tensor):
+        raise ShapeError(f"{what} must be a tensor, got {type(t).__name__}")
+    if t.ndim < 2:
+        raise ShapeError(f"{what} must be (B, C, ...), got shape {tuple(t.shape)}")
+    return t if t.ndim == 2 else t.flatten(2).mean(dim=2)
+
+
+def find_modules(model: torch.nn.Module, names: Sequence[str], score: str = "") -> Dict[str, torch.nn.Module]:
+    """``{name: module}`` for ``names`` of ``model.named_modules()``; ConfigError (listing a few
+    valid names) for an unknown one."""
+    where = f"{score}: " if score else ""
+    mods = dict(model.named_modules())
+    out = {}
+    for n in names:
+        if not isinstance(n, str) or not n or n not in mods:
+            valid = [k for k in mods if k and "." not in k] + [k for k in mods if "." in k]
+            more = f" and {len(valid) - 12} more" if len(valid) > 12 else ""
+            raise ConfigError(
+                f"{where}{type(model).__name__} has no module {n!r}; valid names (model.named_modules()) "
+                f"include {', '.join(valid[:12])}{more}"
+            )
+        out[n] = mods[n]
+    return out
+
+
+def resnet_modules(model: torch.nn.Module, score: str = "") -> Dict[str, str]:
+    """Full module names of ``layer1``..``layer4`` and ``avgpool`` of a ResNet-layout model (oaml
+    students, torchvision ResNets, also wrapped, e.g. ``model.layer4`` inside a HookedClassifier),
+    the default inner layers of the multi-layer scores. NotImplementedError (the evaluator then
+    skips the score, with this reason) for a HeadAdapter (an opaque backbone) or another layout."""
+    where = f"{score}: " if score else ""
+    adapter = sys.modules.get("oaml.models.adapter")  # loaded whenever a HeadAdapter exists
+    if adapter is not None and isinstance(model, adapter.HeadAdapter):
+        raise NotImplementedError(
+            f"{where}the model is a HeadAdapter around an opaque backbone, so its inner layers are "
+            "unknown; pass layers=(...) naming modules of model.named_modules()"
+        )
+    want = RESNET_STAGES + ("avgpool",)
+    for prefix, m in model.named_modules():
+        kids = dict(m.named_children())
+        if all(k in kids for k in want):
+            return {k: f"{prefix}.{k}" if prefix else k for k in want}
+    raise NotImplementedError(
+        f"{where}{type(model).__name__} does not have the ResNet layout (modules layer1..layer4 and "
+        "avgpool), so its inner layers are unknown; pass layers=(...) naming modules of model.named_modules()"
+    )
+
+
+@contextmanager
+def tap_layers(
+    model: torch.nn.Module, names: Sequence[str], fn: Callable[[str, torch.Tensor], Optional[torch.Tensor]], score: str = ""
+) -> Iterator[Dict[str, int]]:
+    """Forward hooks on the modules ``names`` of ``model`` while the context is open: each time
+    one runs, ``fn(name, output)`` is called; a tensor it returns replaces the module's output for
+    the rest of the network (how RankFeat and VRA edit activations). Yields the per-module call
+    counts; :func:`check_ran_once` checks (and resets) them after each forward pass."""
+    where = f"{score}: " if score else ""
+    mods = find_modules(model, names, score)
+    counts = {n: 0 for n in mods}
+
+    def make(n: str):
+        def hook(module, args, out):
+            counts[n] += 1
+            if not isinstance(out, torch.Tensor):
+                raise ShapeError(
+                    f"{where}module {n!r} returned {type(out).__name__}, not one tensor; name another module"
+                )
+            return fn(n, out)
+
+        return hook
+
+    handles = []
+    try:
+        for n, m in mods.items():
+            handles.append(m.register_forward_hook(make(n)))
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_ran_once(counts: Dict[str, int], score: str = "") -> None:
+    """Each tapped module ran exactly once in the last forward pass (then reset the counts)."""
+    where = f"{score}: " if score else ""
+    for n, c in counts.items():
+        if c != 1:
+            why = "did not run in" if c == 0 else f"ran {c} times in"
+            raise ConfigError(
+                f"{where}module {n!r} {why} one forward pass; name modules that run exactly once per "
+                "forward (not a shared module such as a reused ReLU)"
+            )
+        counts[n] = 0
+
+
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode with parameter gradients off while the context is open (both
+    restored after): for scores that differentiate w.r.t. inputs or activations only."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def loader_batches(loader: Any, device: torch.device, score: str) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """``(x on device, y or None)`` of each batch of ``loader`` (``(x, y)`` tuples or bare
+    inputs), inputs checked finite; ConfigError when it yields nothing."""
+    n = 0
+    for batch in loader:
+        x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
+        x = x.to(device)
+        check_finite(x, f"{score}: input batch")
+        n += 1
+        yield x, (None if y is None else torch.as_tensor(y))
+    if n == 0:
+        raise ConfigError(f"{score}: the loader yielded no batches")
+
+
 # --------------------------------------------------------------------------------- base class
 
 
@@ -192,6 +350,12 @@ class Score:
     @property
     def is_fitted(self) -> bool:
         return self._fitted
+
+    def needed_layers(self, model: Any) -> Tuple[str, ...]:
+        """Names of ``model.named_modules()`` whose pooled activations this score reads from
+        ``FeatureSet.layers`` (the evaluator extracts the union over its scores once per split);
+        ``()`` for scores that read none. NotImplementedError when ``model`` lacks them."""
+        return ()
 
     # -- public API ---------------------------------------------------------------------------
     def fit(
