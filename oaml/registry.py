@@ -22,6 +22,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: Dict[str, T] = {}
+        self._primary: Dict[str, T] = {}  # each entry under its own name (no aliases)
 
     def register(self, name: str | None = None, *aliases: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -30,6 +31,7 @@ class Registry(Generic[T]):
                 if k in self._items and self._items[k] is not obj:
                     raise ConfigError(f"{self.kind} {k!r} is registered twice")
                 self._items[k] = obj
+            self._primary[key] = obj
             return obj
 
         return deco
@@ -49,7 +51,12 @@ class Registry(Generic[T]):
         return factory(**kwargs)
 
     def names(self) -> list[str]:
+        """Every registered name, aliases included."""
         return sorted(self._items)
+
+    def primary_names(self) -> list[str]:
+        """Each entry once, under the name it was registered with (no aliases)."""
+        return sorted(self._primary)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._items

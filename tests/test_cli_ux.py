@@ -122,8 +122,24 @@ def test_every_option_is_described_in_plain_text(path):
 def test_the_score_list_for_help_is_the_registry():
     from oaml.scores import SCORES
 
-    assert set(SCORE_HELP) == {SCORES.get(n).name for n in SCORES.names()}
+    assert set(SCORE_HELP) == {SCORES.get(n).name for n in SCORES.names()} == set(SCORES.primary_names())
     assert all(name in scores_help() for name in SCORE_HELP)
+    fit = {"train": "fits on ID train", "val": "fits on ID val", "none": "no fit"}
+    assert all(fit[SCORES.get(n).fit_on] in text for n, text in SCORE_HELP.items())  # the help names each fit split
+
+
+def test_scores_all_and_default_and_the_aps_grids():
+    from oaml.evaluation.evaluator import DEFAULT_SCORES, default_grids, resolve_scores
+    from oaml.scores import SCORES
+
+    assert resolve_scores(None) == resolve_scores("default") == list(DEFAULT_SCORES)
+    every = resolve_scores(["all"])
+    assert sorted(every) == SCORES.primary_names() and len(every) == len(set(every)) and "energy" not in every  # no aliases
+    assert resolve_scores(["knn", "all"])[0] == "knn" and len(resolve_scores(["knn", "all"])) == len(every)
+    grids = default_grids(every)
+    assert grids["react"] == {"percentile": [85, 90, 95, 99]} and "ash_p" in grids and "dice" in grids
+    assert not any(SCORES.get(n).requires_model for n in grids)  # the search refuses model scores
+    assert all(grids[n] for n in grids)
 
 
 def test_eval_help_lists_the_scores():

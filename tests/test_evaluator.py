@@ -117,3 +117,25 @@ def test_hyperparameter_search_uses_ood_val_only(trained, tmp_path):
     chosen = res["search"]["chosen"]["knn"]
     assert chosen["params"]["K"] in (3, 5) and "val_auroc" in chosen
     assert res["search"]["ood_val"] == ["val-noise"] and "ebo" not in res["search"]["chosen"]
+
+
+def test_every_registered_score_runs_in_the_evaluator_and_aps_searches_the_feature_ones(trained, tmp_path):
+    """``oaml eval --scores all --aps``: every score (inner-layer and model scores included) on the
+    tiny model; the search covers each feature score with a grid, on OOD-val only."""
+    from oaml.evaluation.evaluator import default_grids, resolve_scores
+
+    model, pre = trained
+    every = resolve_scores("all")
+    kw = {"nnguide": {"K": 5, "bank_fraction": 1.0}, "residual": {"dim": 4}, "nac": {"m_bins": 8}}
+    kw = {k: v for k, v in kw.items() if k in every}
+    grids = default_grids(every)
+    grids["knn"], grids["vim"] = {"K": [3, 5]}, {"dim": [2, 4]}
+    grids.pop("nnguide", None)
+    ev = _evaluator(model, pre, tmp_path, scores=every, score_kwargs=kw, search=grids,
+                    ood_val=[OODSet("val-noise", "far", Noise(30, 9))])
+    res = ev.run()
+    assert set(res["scores"]) | set(res["skipped"]) == set(every)
+    assert not res["skipped"], res["skipped"]  # our ResNet offers every layer and the head each score needs
+    for name, entry in res["scores"].items():
+        assert 0.0 <= entry["all"]["auroc"] <= 100.0, name
+    assert set(res["search"]["chosen"]) == set(grids) and res["search"]["ood_val"] == ["val-noise"]

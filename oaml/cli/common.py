@@ -65,30 +65,30 @@ DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default 
 # The registered post-hoc scores (oaml.scores.SCORES, checked by tests/test_cli_ux.py), listed here
 # so that `oaml eval --help` does not import torch.
 SCORE_HELP = {
-    "msp": "max softmax probability",
-    "mls": "max logit",
-    "ebo": "energy",
-    "odin": "tempered, input-perturbed softmax",
-    "gen": "generalized entropy",
-    "gradnorm": "gradient norm of KL to uniform",
+    "msp": "max softmax probability, no fit",
+    "mls": "max logit, no fit",
+    "ebo": "energy, no fit",
+    "odin": "tempered, input-perturbed softmax, no fit",
+    "gen": "generalized entropy, no fit",
+    "gradnorm": "gradient norm of KL to uniform, no fit",
     "mds": "Mahalanobis distance, fits on ID train",
     "vim": "virtual logit matching, fits on ID train",
     "knn": "K-th neighbour distance, fits on ID train",
     "gram": "Gram-matrix deviations, fits on ID train",
     "react": "energy of clipped features, fits on ID val",
     "klm": "KL matching, fits on ID val",
-    "entropy": "negative softmax entropy",
-    "webo": "weighted energy (VOS class weights; all ones = energy)",
+    "entropy": "negative softmax entropy, no fit",
+    "webo": "weighted energy (VOS class weights; all ones = energy), no fit",
     "tscaling": "softmax at the NLL-fitted temperature, fits on ID val",
-    "lts": "energy of logits scaled by the activation shape",
+    "lts": "energy of logits scaled by the activation shape, no fit",
     "gmm": "class-conditional Gaussian mixture likelihood, fits on ID train",
     "openmax": "OpenMax known-vs-unknown log-odds, fits on ID train",
     "rmd": "relative Mahalanobis distance, fits on ID train",
     "pnml": "negative pNML regret of the last layer, fits on ID train",
-    "ash_p": "energy after pruning the smallest activations (ASH-P)",
-    "ash_b": "energy after binarising the top activations (ASH-B)",
-    "ash_s": "energy after pruning and exponential scaling (ASH-S)",
-    "scale": "energy of logits scaled by the top-activation share (SCALE)",
+    "ash_p": "energy after pruning the smallest activations (ASH-P), no fit",
+    "ash_b": "energy after binarising the top activations (ASH-B), no fit",
+    "ash_s": "energy after pruning and exponential scaling (ASH-S), no fit",
+    "scale": "energy of logits scaled by the top-activation share (SCALE), no fit",
     "dice": "energy through a sparsified last layer, fits on ID train",
     "she": "similarity to class-mean stored patterns, fits on ID train",
     "nnguide": "energy guided by nearest ID neighbours, fits on ID train",
@@ -98,16 +98,17 @@ SCORE_HELP = {
     "residual": "norm of the feature outside the principal subspace, fits on ID train",
     "mds_multi": "Mahalanobis summed over inner layers, fits on ID train",
     "mds_odin": "Mahalanobis after input perturbation (needs the model), fits on ID train",
-    "rankfeat": "energy after removing the rank-1 feature-map component (needs the model)",
+    "rankfeat": "energy after removing the rank-1 feature-map component (needs the model), no fit",
     "vra": "energy of variationally rectified inner activations (needs the model), fits on ID train",
-    "grad_uncertainty": "gradient norm of the predicted-class loss (needs the model)",
+    "grad_uncertainty": "gradient norm of the predicted-class loss (needs the model), no fit",
     "nac": "neuron activation coverage of inner layers (needs the model), fits on ID train",
 }
 
 
 def scores_help() -> str:
     """Help text for a ``--scores`` option: the score names, what each is, and 'all'."""
-    return "comma-separated score names, or 'all' (default): " + ", ".join(f"{k} ({v})" for k, v in SCORE_HELP.items())
+    return ("comma-separated score names; 'default' (the paper's 11 and mls: msp, odin, mds, klm, gram, react, gradnorm, vim, "
+            "knn, gen, ebo, mls) or 'all' (every score below): " + ", ".join(f"{k} ({v})" for k, v in SCORE_HELP.items()))
 
 
 def add_progress_argument(parser: argparse.ArgumentParser, default: bool | None = True) -> None:

@@ -43,14 +43,15 @@ def register(sub) -> None:
     p.add_argument("--input-size", dest="input_size", type=int, help="--model input side length (images are resized to it)")
     p.add_argument("--mean", help="--model normalisation mean, comma-separated (default ImageNet's)")
     p.add_argument("--std", help="--model normalisation std, comma-separated (default ImageNet's)")
-    p.add_argument("--scores", default="all", help=scores_help())
+    p.add_argument("--scores", default="default", help=scores_help())
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--ood", action="append", default=[], metavar="NAME=PATH[:extra|near|far]",
                    help="add your own OOD folder of images (repeatable)")
     p.add_argument("--score-arg", action="append", default=[], metavar="SCORE.PARAM=VALUE",
                    help="score hyperparameter, e.g. knn.K=100 (repeatable)")
     p.add_argument("--aps", action="store_true",
-                   help="choose hyperparameters of react, knn, gen, ebo, mds on ID-val vs OOD-val (OpenOOD's grids)")
+                   help="choose the hyperparameters of every evaluated score that has a grid on ID-val vs OOD-val only (OpenOOD's "
+                        "APS grids; scores that need the model keep their settings)")
     p.add_argument("--grid", action="append", default=[], metavar="SCORE.PARAM=V1,V2,...",
                    help="search this grid on ID-val vs OOD-val (repeatable)")
     p.add_argument("--fit-limit", type=int, default=None, help="at most this many ID train images to fit scores")
@@ -101,10 +102,10 @@ def parse_ood(items: List[str], default_group: str) -> List[tuple]:
 def run(args) -> int:
     from ..data import get_benchmark
     from ..evaluation.api import evaluate, evaluate_checkpoint
-    from ..evaluation.evaluator import DEFAULT_GRIDS
+    from ..evaluation.evaluator import default_grids, resolve_scores
     from ..utils.io import check_writable
 
-    scores = None if args.scores == "all" else [s.strip() for s in args.scores.split(",") if s.strip()]
+    scores = resolve_scores([s.strip() for s in args.scores.split(",") if s.strip()])
     own = bool(args.id_train or args.id_test)
     if own and not (args.id_train and args.id_test and args.model):
         raise ConfigError("your own ID data needs --id-train, --id-test and --model")
@@ -114,8 +115,7 @@ def run(args) -> int:
     extra = parse_ood(args.ood, "far" if own else "extra")
     search: Dict[str, Dict[str, list]] = {}
     if args.aps:
-        chosen = scores or list(DEFAULT_GRIDS)
-        search = {k: dict(v) for k, v in DEFAULT_GRIDS.items() if k in chosen}
+        search = default_grids(scores)
     for item in args.grid:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--grid expects SCORE.PARAM=V1,V2,..., got {item!r}")

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, ShapeError
 from ..models.wrap import IMAGENET_MEAN, IMAGENET_STD
 from ..utils.io import atomic_write_text, check_writable, replace_outputs, sha256_file
-from .evaluator import DEFAULT_SCORES, GROUPS, METRIC_KEYS, Evaluator, OODSet
+from .evaluator import GROUPS, METRIC_KEYS, Evaluator, OODSet, resolve_scores
 from .features import check_image_files
 from .report import markdown_table, write_report
 
@@ -298,7 +298,7 @@ def _run(model: nn.Module, pre: nn.Module, splits: Dict[str, Dataset], ood: List
     cache = cache_dir or (Path(out_dir) / "feature_cache" if out_dir else None)
     ev = Evaluator(
         model, pre, splits["id_train"], splits["id_val"], splits["id_test"], ood,
-        scores=list(scores or DEFAULT_SCORES), score_kwargs=score_kwargs, device=device, batch_size=batch_size,
+        scores=resolve_scores(scores), score_kwargs=score_kwargs, device=device, batch_size=batch_size,
         cache_dir=cache, model_id=model_id,
         benchmark=benchmark, fit_limit=fit_limit, progress=progress, ood_val=val_sets if search else [], search=search,
     )

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ METRIC_KEYS = ("fpr95", "fpr95_id_pos", "auroc", "aupr_in", "aupr_out", "detecti
 GROUPS: Dict[str, Tuple[str, ...]] = {"near": ("near",), "far": ("far",), "all": ("near", "far"), "extra": ("extra",)}
 DEFAULT_SCORES = ("msp", "odin", "mds", "klm", "gram", "react", "gradnorm", "vim", "knn", "gen", "ebo", "mls")
 
-# OpenOOD v1.5's APS sweeps (feature scores); used by ``search="default"``.
+# OpenOOD v1.5's APS sweeps (feature scores); used by ``search="default"``. Scores added later
+# declare theirs on the class (``Score.grid``); :func:`default_grids` merges both.
 DEFAULT_GRIDS: Dict[str, Dict[str, list]] = {
     "react": {"percentile": [85, 90, 95, 99]},
     "knn": {"K": [10, 20, 50, 100, 200]},
@@ -47,6 +48,38 @@ DEFAULT_GRIDS: Dict[str, Dict[str, list]] = {
     "ebo": {"temperature": [1, 10, 100, 1000]},
     "mds": {"shrinkage": [0.0, 0.01, 0.1]},
 }
+
+
+def resolve_scores(scores: Optional[Sequence[str] | str]) -> List[str]:
+    """Score names to evaluate: None or "default" = :data:`DEFAULT_SCORES` (the paper's 11 and
+    MLS); "all" = every registered score, once each (aliases left out); a list may contain "all"."""
+    from ..scores import SCORES
+
+    if scores is None or scores == "default":
+        return list(DEFAULT_SCORES)
+    if isinstance(scores, str):
+        scores = [scores]
+    out: List[str] = []
+    for name in scores:
+        for n in (SCORES.primary_names() if name == "all" else list(DEFAULT_SCORES) if name == "default" else [name]):
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def default_grids(names: Sequence[str]) -> Dict[str, Dict[str, list]]:
+    """The ``--aps`` grids of ``names``: OpenOOD's sweeps (:data:`DEFAULT_GRIDS`) and the grids the
+    newer scores declare (``Score.grid``); scores that need the model (searched only with fixed
+    settings) and scores without hyperparameters are left out."""
+    from ..scores import SCORES
+
+    out: Dict[str, Dict[str, list]] = {}
+    for n in names:
+        cls = SCORES.get(n)
+        grid = DEFAULT_GRIDS.get(n) or getattr(cls, "grid", None)
+        if grid and not cls.requires_model:
+            out[n] = {k: list(v) for k, v in grid.items()}
+    return out
 
 
 @dataclass
