@@ -243,3 +243,17 @@ def test_moved_helpers_are_the_same_objects():
 
     assert old.ood_metrics is metrics.ood_metrics and old.METRIC_KEYS is metrics.METRIC_KEYS
     assert config.apply_overrides({"a": {"b": 1}}, ["a.b=2", "c=[1, 2]"]) == {"a": {"b": 2}, "c": [1, 2]}
+
+
+def test_readme_score_table_lists_every_score_with_its_fit_split():
+    from pathlib import Path
+
+    from oaml.scores import SCORES
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    split = {"none": "none", "train": "ID train", "val": "ID val"}
+    for n in SCORES.primary_names():
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{n}` |")), None)
+        assert row is not None, f"README's score table lacks {n}"
+        assert row.split("|")[3].strip() == split[SCORES.get(n).fit_on], n
+    assert f"holds {len(SCORES.primary_names())} scores" in text
