@@ -184,3 +184,13 @@ def test_ood_val_groups_and_paired_selection_table(tmp_path):
     table = md[md.index("### Paired differences to `vanilla-cont` on OOD-val"):]
     assert "(OE-disjoint OOD-val sets)" in table
     assert "| logitnorm | 3 | " in table and "+9.33 [" in table and "+4.00 [" in table
+
+
+def test_every_score_table_marks_each_methods_best_score(fake_out):
+    Bench(_cfg(main_scores=["ebo"]), fake_out).report()
+    md = (fake_out / "results.md").read_text()
+    table = md[md.index("## Every score"):].split("\n\n")[2]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"EBO", "KNN"}
+    # knn's AUROC is ebo's + 5 for every method and seed: KNN is each method's best score
+    assert rows["KNN"].count("**") == 2 * 2 and "**" not in rows["EBO"]

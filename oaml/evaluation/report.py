@@ -343,11 +343,20 @@ def bench_markdown(agg: Dict[str, Any], main_scores: Sequence[str], notes: Seque
         for name, m in methods.items():
             d = m["scores"].get(s, {}).get("datasets", {})
             lines.append("| " + " | ".join([name] + [f"{_ms(d[x]['fpr95'])} / {_ms(d[x]['auroc'])}" if x in d else "-" for x in sets]) + " |")
-    other = [s for s in next(iter(methods.values()))["scores"] if s not in main_scores]
-    if other:
-        lines += ["", "## Other scores (all OOD sets, AUROC)", "", "| method | " + " | ".join(s.upper() for s in other) + " |", "|---|" + "---|" * len(other)]
-        for name, m in methods.items():
-            lines.append("| " + " | ".join([name] + [_ms(m["scores"][s]["all"]["auroc"]) if s in m["scores"] else "-" for s in other]) + " |")
+    every = list(next(iter(methods.values()))["scores"])
+    if len(every) > len([s for s in every if s in main_scores]):
+        cols = list(methods)
+        best = {n: max((m["scores"][s]["all"]["auroc"]["mean"] for s in every if s in m["scores"]), default=None) for n, m in methods.items()}
+        lines += ["", "## Every score (AUROC over all OOD sets, mean ± std): which score suits which method", "",
+                  "Bold: the best score of each method (column).", "",
+                  "| score | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for s in every:
+            cells = []
+            for n in cols:
+                a = methods[n]["scores"].get(s, {}).get("all", {}).get("auroc")
+                cell = _ms(a) if a else "-"
+                cells.append(f"**{cell}**" if a and a["mean"] == best[n] else cell)
+            lines.append(f"| {s.upper()} | " + " | ".join(cells) + " |")
     curve = methods.get("vanilla", {}).get("val_curve") or []
     if curve:
         lines += ["", "## Vanilla convergence (ID validation accuracy per epoch, mean ± std over seeds)", "",
