@@ -139,3 +139,24 @@ def test_every_registered_score_runs_in_the_evaluator_and_aps_searches_the_featu
     for name, entry in res["scores"].items():
         assert 0.0 <= entry["all"]["auroc"] <= 100.0, name
     assert set(res["search"]["chosen"]) == set(grids) and res["search"]["ood_val"] == ["val-noise"]
+
+
+def test_evaluation_profile_splits_the_wall_time_by_stage(trained, tmp_path):
+    """profile.json: feature extraction per split, fit / score / metrics per score, report writing
+    and plots, adding up to no more than the total."""
+    import oaml
+    from helpers import TinyImages as T
+
+    model, pre = trained
+    data = {"id_train": T(60, seed=3), "id_val": T(30, seed=4), "id_test": T(40, seed=5), "ood": {"noise": Noise(30, 2)}}
+    out = tmp_path / "report"
+    oaml.evaluate(model, data, ["msp", "knn", "klm", "odin"], input_size=12, mean=[0.5], std=[0.25],
+                  score_kwargs={"knn": {"K": 3}}, device="cpu", progress=False, plots=True, out_dir=out)
+    prof = json.loads((out / "profile.json").read_text())
+    assert set(prof["features"]) == {"id_test", "id_train", "id_val", "ood_noise"}  # every split, up front
+    assert set(prof["per_score"]) == {"msp", "knn", "klm", "odin"}
+    assert all(set(v) == {"fit", "score", "metrics"} and min(v.values()) >= 0 for v in prof["per_score"].values())
+    assert prof["fit"] == pytest.approx(sum(v["fit"] for v in prof["per_score"].values()))
+    parts = sum(prof["features"].values()) + prof["fit"] + prof["score"] + prof["metrics"] + prof["write"] + prof["plots"] + prof["check_files"]
+    assert 0 < parts <= prof["total"] + 1e-6 and prof["evaluate"] <= prof["total"]
+    assert prof["plots"] > 0 and (out / "plots" / "histograms.png").exists()

@@ -20,6 +20,7 @@ import csv
 import io
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -30,10 +31,10 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, ShapeError
 from ..models.wrap import IMAGENET_MEAN, IMAGENET_STD
-from ..utils.io import atomic_write_text, check_writable, replace_outputs, sha256_file
+from ..utils.io import atomic_write_text, check_writable, replace_outputs, sha256_file, write_json
 from .evaluator import GROUPS, METRIC_KEYS, Evaluator, OODSet, resolve_scores
 from .features import check_image_files
-from .report import markdown_table, write_report
+from .report import markdown_table, plot_scores, write_report
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +304,10 @@ def _run(model: nn.Module, pre: nn.Module, splits: Dict[str, Dataset], ood: List
         benchmark=benchmark, fit_limit=fit_limit, progress=progress, ood_val=val_sets if search else [], search=search,
     )
     datasets = [*ev.splits.values(), *(o.dataset for o in ood + val_sets)]
+    t_start = time.perf_counter()
     if not skip_bad:  # skip_bad datasets decoded every file already
         check_image_files(datasets, progress)
+    t_checked = time.perf_counter()
     n_images = sum(len(d) for d in datasets)  # type: ignore[arg-type]
     feature_bytes = 4 * n_images * (int(getattr(model, "feature_dim", 0)) + int(getattr(model, "num_classes", 0)) + 2)
     if out_dir is not None:
@@ -314,9 +317,13 @@ def _run(model: nn.Module, pre: nn.Module, splits: Dict[str, Dataset], ood: List
         check_writable(cache_dir, feature_bytes, create=False)
 
     def compute() -> Results:
+        t = time.perf_counter()
         results = Results(ev.run())
+        results["profile_seconds"]["evaluate"] = time.perf_counter() - t
         if score_ood_val:
+            t = time.perf_counter()
             results["ood_val"] = _score_ood_val(ev, val_sets, score_kwargs, fit_limit, progress, cache, model_id, benchmark)
+            results["profile_seconds"]["ood_val"] = time.perf_counter() - t
         results["checkpoint"] = None if checkpoint is None else str(checkpoint)
         # one unit: accuracies in percent, as id_accuracy and every metric (checkpoints store fractions)
         results["checkpoint_meta"] = {k: 100.0 * v if k.endswith("accuracy") and isinstance(v, float) else v for k, v in meta.items()}
@@ -326,7 +333,18 @@ def _run(model: nn.Module, pre: nn.Module, splits: Dict[str, Dataset], ood: List
         return compute()
     with replace_outputs(out_dir) as stage:
         results = compute()
-        write_report(stage, results, ev.raw_scores, plots=plots)
+        prof = results["profile_seconds"]
+        prof["check_files"] = t_checked - t_start
+        t = time.perf_counter()
+        write_report(stage, results, ev.raw_scores, plots=False)
+        prof["write"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if plots:
+            plot_scores(Path(stage) / "plots", ev.raw_scores, results)
+        prof["plots"] = time.perf_counter() - t
+        prof["total"] = time.perf_counter() - t_start
+        # the whole profile, writing and plots included (results.json was written before they ended)
+        write_json(Path(stage) / "profile.json", prof)
     return results
 
 

@@ -245,8 +245,11 @@ class Evaluator:
         if score.requires_model:
             loader = self._loader(self.splits[fit_split]) if fit_split else None
             score.fit(fit_data, model=self.model, loader=loader, head=head)
+            t = time.perf_counter()
+            self._fit_seconds[name] = t - self._t_score
             s_id = score.score(test, model=self.model, loader=self._loader(self.splits["id_test"]))
             s_ood = {o.name: score.score(ood_feats[o.name], model=self.model, loader=self._loader(o.dataset)) for o in self.ood_sets}
+            self._score_seconds[name] = time.perf_counter() - t
             self.settings[name] = score_settings(score)
             return s_id, s_ood
         if name in self.search:
@@ -262,7 +265,11 @@ class Evaluator:
         else:
             score.fit(fit_data, head=head)
         self.settings[name] = score_settings(score)
-        return score.score(test), {k: score.score(v) for k, v in ood_feats.items()}
+        t = time.perf_counter()
+        self._fit_seconds[name] = t - self._t_score
+        out = score.score(test), {k: score.score(v) for k, v in ood_feats.items()}
+        self._score_seconds[name] = time.perf_counter() - t
+        return out
 
     def run(self) -> Dict[str, Any]:
         from ..scores import SCORES
@@ -270,15 +277,31 @@ class Evaluator:
         self.chosen: Dict[str, Any] = {}
         self.settings: Dict[str, Dict[str, Any]] = {}
         t0 = time.time()
+        self._fit_seconds: Dict[str, float] = {}
+        self._score_seconds: Dict[str, float] = {}
+        feature_seconds: Dict[str, float] = {}
+        # every split the scores read, extracted up front (the fit splits too), so that each score's
+        # time below is its own arithmetic
+        fit_splits = {"train": "id_train", "val": "id_val"}
+        wanted = [("id_test", self.splits["id_test"])]
+        wanted += [(k, self.splits[k]) for k in dict.fromkeys(fit_splits[SCORES.get(n).fit_on] for n in self.score_names
+                                                             if SCORES.get(n).fit_on in fit_splits and not SCORES.get(n).requires_model)]
+        wanted += [(f"ood_{o.name}", o.dataset) for o in self.ood_sets]
+        for key, ds in wanted:
+            t = time.perf_counter()
+            self.features(key, ds)
+            feature_seconds[key] = time.perf_counter() - t
         test = self.features("id_test", self.splits["id_test"])
         id_acc = float((test.logits.argmax(1) == test.labels).double().mean()) * 100
         ood_feats = {o.name: self.features(f"ood_{o.name}", o.dataset) for o in self.ood_sets}
         self.timings["features"] = time.time() - t0
+        per_score: Dict[str, Dict[str, float]] = {}
         head, no_head = self._head()
         results: Dict[str, Any] = {"benchmark": self.benchmark, "id_accuracy": id_acc, "scores": {}, "skipped": {}}
         self.raw_scores: Dict[str, Dict[str, np.ndarray]] = {}
         for name in self.score_names:
             t1 = time.time()
+            self._t_score = time.perf_counter()
             try:
                 if no_head and SCORES.get(name).needs_head:
                     raise NotImplementedError(f"it needs the last linear layer ({no_head})")
@@ -288,6 +311,7 @@ class Evaluator:
                 log.warning("%s skipped: %s", name, results["skipped"][name])
                 continue
             self.raw_scores[name] = {"id_test": np.asarray(s_id, np.float64), **{k: np.asarray(v, np.float64) for k, v in s_ood.items()}}
+            t_metrics = time.perf_counter()
             per_set = {}
             for o in self.ood_sets:
                 m = ood_metrics(s_id, s_ood[o.name])
@@ -299,9 +323,19 @@ class Evaluator:
                     entry[group] = {k: float(np.mean([v[k] for v in members])) for k in METRIC_KEYS}
             results["scores"][name] = entry
             self.timings[name] = time.time() - t1
+            # model scores (ODIN, Gram, ...) run the network inside fit/score: that time is theirs
+            per_score[name] = {"fit": self._fit_seconds[name], "score": self._score_seconds[name],
+                               "metrics": time.perf_counter() - t_metrics}
             shown = entry.get("all", entry.get("extra"))
             log.info("%s: AUROC %.2f FPR@95 %.2f (%.1fs)", name, shown["auroc"], shown["fpr95"], self.timings[name])
         results["timings_seconds"] = dict(self.timings)
+        results["profile_seconds"] = {
+            "features": feature_seconds,
+            "fit": sum(v["fit"] for v in per_score.values()),
+            "score": sum(v["score"] for v in per_score.values()),
+            "metrics": sum(v["metrics"] for v in per_score.values()),
+            "per_score": per_score,
+        }
         results["units"] = {"metrics": "percent", "accuracy": "percent"}
         results["settings"] = {"fit_limit": self.fit_limit, "fit_count": len(self.splits["id_train"]), "seed": self.seed,  # type: ignore[arg-type]
                                "preprocess": getattr(self.preprocess, "config", lambda: None)(), "scores": self.settings}
