@@ -1,12 +1,20 @@
-"""Speed benchmark: oaml post-hoc scores vs the matching pytorch-ood detectors.
+"""Speed benchmark: oaml post-hoc scores vs the matching pytorch-ood detectors and OpenOOD v1.5
+postprocessors.
 
 Feature scores: fit + score on synthetic, seeded data: N_train x D train features (fit split of
 MDS/ViM/KNN), N_val x D ID-val features (fit split of ReAct/KLM), N_test x D test features
 (half ID, half OOD), for every class count in --classes. Each side is timed end to end on the
 same tensors (ours: ``create_score(...).fit(...).score(...)``; pytorch-ood:
 ``fit_features``/``fit_logits``/``fit_feature_maps`` + ``predict_features``/``predict_logits``/...).
-As a correctness cross-check the table also gives the AUROC (ID half vs OOD half) of both
-sides (pytorch-ood's outlier scores are negated) and the Spearman correlation of the scores.
+As a correctness cross-check the table also gives the AUROC (ID half vs OOD half) of every
+side (pytorch-ood's outlier scores are negated) and the Spearman correlation of ours with each.
+
+OpenOOD v1.5 is not installed (it is a research repository, not a package): its postprocessors
+for the feature scores (MSP, MLS, EBO, GEN, GradNorm, MDS, KLM, ReAct, ViM, KNN) are re-expressed
+below in a few lines each, following ``openood/postprocessors/<name>_postprocessor.py`` (same
+libraries and dtypes: sklearn ``EmpiricalCovariance``, ``np.linalg.eig``, faiss, scipy), applied
+to the test features in batches of --openood-batch (OpenOOD's test loaders use 200), as
+OpenOOD's evaluator calls ``postprocess`` per batch. Deviations are noted per score.
 
 ODIN and Gram need a model: they are timed separately on a small CNN (3 conv blocks, randomly
 initialised; speed does not depend on training) with --model-train 28x28 single-channel random
@@ -17,6 +25,7 @@ subset of the test set first), its time is extrapolated linearly from the subset
 ``"extrapolated": true`` in the JSON and with a ``~`` in the table.
 
 Usage: python benchmarks/scores.py [--out benchmarks/results/scores.json] [--classes 10 100]
+       python benchmarks/scores.py --small      # a quick check that every side runs (seconds)
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -84,7 +94,8 @@ def run_ours(name, C, D, head, tr, va, te, repeats=1):
         s.fit(fit_data, head=head)
         out = s.score(te)
         best = min(best, time.perf_counter() - t0)
-    return best, out
+    info = {k: getattr(s, k) for k in ("precision_", "backend_") if hasattr(s, k)}
+    return best, out, info
 
 
 # ------------------------------------------------------------------------- pytorch-ood side
@@ -133,6 +144,189 @@ def their_detector(name, C, head, tr, va):
     raise KeyError(name)
 
 
+# ---------------------------------------------------------------------------- OpenOOD side
+
+
+def openood_detector(name, C, head, tr, va):
+    """Returns (fit_fn, predict_fn(features (B, D) float32, logits (B, C)) -> confidence, higher
+    = ID) re-expressing OpenOOD v1.5's postprocessor ``name`` (None when it does not apply)."""
+    import scipy.special
+
+    W = head[0].detach().float().numpy()
+    b = head[1].detach().float().numpy()
+    st = {}
+
+    def fc(feat):  # net.fc / forward_threshold's linear layer, float32
+        return torch.from_numpy(feat) @ torch.from_numpy(W).T + torch.from_numpy(b)
+
+    if name == "msp":  # base_postprocessor.py
+        return (lambda: None), (lambda f, z: torch.softmax(z, dim=1).max(dim=1).values)
+    if name == "mls":  # maxlogit_postprocessor.py
+        return (lambda: None), (lambda f, z: z.max(dim=1).values)
+    if name == "ebo":  # ebo_postprocessor.py, temperature 1
+        return (lambda: None), (lambda f, z: 1.0 * torch.logsumexp(z / 1.0, dim=1))
+    if name == "gen":  # gen_postprocessor.py, gamma 0.1, M 100
+
+        def gen(f, z, gamma=0.1, M=100):
+            probs_sorted = torch.sort(torch.softmax(z, dim=1), dim=1)[0][:, -M:]
+            return -torch.sum(probs_sorted**gamma * (1 - probs_sorted) ** gamma, dim=1)
+
+        return (lambda: None), gen
+    if name == "gradnorm":  # gradnorm_postprocessor.py: one backward pass per sample
+
+        def gradnorm(f, z):
+            lin = nn.Linear(W.shape[1], W.shape[0])
+            lin.weight.data[...] = torch.from_numpy(W)
+            lin.bias.data[...] = torch.from_numpy(b)
+            logsoftmax = nn.LogSoftmax(dim=-1)
+            confs = []
+            with torch.enable_grad():
+                for i in torch.from_numpy(f).float():
+                    targets = torch.ones((1, C))
+                    lin.zero_grad()
+                    loss = torch.mean(torch.sum(-targets * logsoftmax(lin(i[None])), dim=-1))
+                    loss.backward()
+                    confs.append(torch.sum(torch.abs(lin.weight.grad.data)).numpy())
+            return np.array(confs)
+
+        return (lambda: None), gradnorm
+    if name == "mds":  # mds_postprocessor.py (v1.5: class means, sklearn covariance, float32)
+
+        def fit():
+            import sklearn.covariance
+
+            feats, labels = tr.features.float(), tr.labels
+            class_mean, centered = [], []
+            for c in range(C):
+                xs = feats[labels.eq(c)]
+                class_mean.append(xs.mean(0))
+                centered.append(xs - class_mean[c].view(1, -1))
+            st["mean"] = torch.stack(class_mean)
+            gl = sklearn.covariance.EmpiricalCovariance(assume_centered=False)
+            gl.fit(torch.cat(centered).numpy().astype(np.float32))
+            st["prec"] = torch.from_numpy(gl.precision_).float()
+
+        def predict(f, z):
+            feats = torch.from_numpy(f)
+            class_scores = torch.zeros((feats.shape[0], C))
+            for c in range(C):
+                tensor = feats - st["mean"][c].view(1, -1)
+                class_scores[:, c] = -torch.matmul(torch.matmul(tensor, st["prec"]), tensor.t()).diag()
+            return torch.max(class_scores, dim=1)[0]
+
+        return fit, predict
+    if name == "klm":  # kl_matching_postprocessor.py: templates on the val split, python KL metric
+        from sklearn.metrics import pairwise_distances_argmin_min
+
+        def kl(p, q):
+            return np.sum(np.where(p != 0, p * np.log(p / q), 0))
+
+        def fit():
+            feat = va.features.float().numpy()
+            sm = scipy.special.softmax(feat @ W.T + b, axis=-1)
+            pred = np.argmax(sm, axis=-1)
+            # OpenOOD loops over range(1000) (ImageNet); classes never predicted give NaN rows
+            st["mean"] = np.array([sm[pred == i].mean(axis=0) for i in range(C) if (pred == i).any()])
+
+        def predict(f, z):
+            sm = scipy.special.softmax((torch.from_numpy(f) @ torch.from_numpy(W).T + torch.from_numpy(b)).numpy(), axis=-1)
+            return -pairwise_distances_argmin_min(sm, st["mean"], metric=kl)[1]
+
+        return fit, predict
+    if name == "react":  # react_postprocessor.py, percentile 90
+
+        def fit():
+            st["log"] = va.features.float().numpy()
+            # OpenOOD recomputes this percentile in every postprocess() call; here once
+            st["thr"] = np.percentile(st["log"].flatten(), 90)
+
+        def predict(f, z):
+            out = fc(np.clip(f, None, st["thr"]).astype(np.float32))
+            return torch.logsumexp(out.data.cpu(), dim=1)
+
+        return fit, predict
+    if name == "vim":  # vim_postprocessor.py, dim 256 (D // 2 below 512 features)
+
+        def fit():
+            from sklearn.covariance import EmpiricalCovariance
+
+            D = W.shape[1]
+            dim = 256 if D >= 512 else D // 2
+            feature_id_train = tr.features.float().numpy()
+            logit_id_train = feature_id_train @ W.T + b
+            st["u"] = -np.matmul(np.linalg.pinv(W), b)
+            ec = EmpiricalCovariance(assume_centered=True)
+            ec.fit(feature_id_train - st["u"])
+            eig_vals, eigen_vectors = np.linalg.eig(ec.covariance_)
+            st["NS"] = np.ascontiguousarray((eigen_vectors.T[np.argsort(eig_vals * -1)[dim:]]).T)
+            vlogit_id_train = np.linalg.norm(np.matmul(feature_id_train - st["u"], st["NS"]), axis=-1)
+            st["alpha"] = logit_id_train.max(axis=-1).mean() / vlogit_id_train.mean()
+
+        def predict(f, z):
+            logit_ood = fc(f)
+            energy_ood = scipy.special.logsumexp(logit_ood.numpy(), axis=-1)
+            vlogit_ood = np.linalg.norm(np.matmul(f - st["u"], st["NS"]), axis=-1) * st["alpha"]
+            return -vlogit_ood + energy_ood
+
+        return fit, predict
+    if name == "knn":  # knn_postprocessor.py, K 50 (its normaliser adds 1e-10 to every entry)
+        try:
+            import faiss
+        except ImportError:
+            return None
+
+        def normalizer(x):
+            return x / np.linalg.norm(x, axis=-1, keepdims=True) + 1e-10
+
+        def fit():
+            st["index"] = faiss.IndexFlatL2(tr.features.shape[1])
+            st["index"].add(np.ascontiguousarray(normalizer(tr.features.float().numpy())))
+
+        def predict(f, z):
+            D_, _ = st["index"].search(np.ascontiguousarray(normalizer(f)), 50)
+            return -D_[:, -1]
+
+        return fit, predict
+    return None
+
+
+def run_openood(name, C, head, tr, va, te, budget, batch):
+    det = openood_detector(name, C, head, tr, va)
+    if det is None:
+        return None
+    fit, predict = det
+
+    def pred_all(fs):
+        f, z = fs.features.float().numpy(), fs.logits.float()
+        return np.concatenate(
+            [np.asarray(predict(f[i : i + batch], z[i : i + batch]), dtype=np.float64).reshape(-1)
+             for i in range(0, len(fs), batch)]
+        )
+
+    with torch.no_grad():
+        return _timed(fit, pred_all, te, budget, negate=False)
+
+
+def _timed(fit, predict, te, budget, negate):
+    """Fit + predict time; extrapolated from a 1/10 subset when projected over ``budget``.
+    Returns (seconds, ID-higher float64 scores or None, extrapolated)."""
+    t0 = time.perf_counter()
+    fit()
+    t_fit = time.perf_counter() - t0
+    small = subset(te, max(1, len(te) // 10))
+    t0 = time.perf_counter()
+    predict(small)
+    t_small = time.perf_counter() - t0
+    projected = t_fit + t_small * len(te) / len(small)
+    if projected > budget:
+        return projected, None, True
+    t0 = time.perf_counter()
+    out = predict(te)
+    t_pred = time.perf_counter() - t0
+    out = np.asarray(out.detach().double() if isinstance(out, torch.Tensor) else out, dtype=np.float64)
+    return t_fit + t_pred, (-out if negate else out), False
+
+
 def subset(fs: FeatureSet, n: int) -> FeatureSet:
     idx = torch.linspace(0, len(fs) - 1, n).long()  # spread over ID and OOD halves
     return FeatureSet(fs.logits[idx], fs.features[idx], fs.labels[idx])
@@ -141,20 +335,7 @@ def subset(fs: FeatureSet, n: int) -> FeatureSet:
 def run_theirs(name, C, head, tr, va, te, budget):
     with torch.no_grad() if name != "gradnorm" else torch.enable_grad():
         fit, predict = their_detector(name, C, head, tr, va)
-        t0 = time.perf_counter()
-        fit()
-        t_fit = time.perf_counter() - t0
-        small = subset(te, max(1, len(te) // 10))
-        t0 = time.perf_counter()
-        predict(small)
-        t_small = time.perf_counter() - t0
-        projected = t_fit + t_small * len(te) / len(small)
-        if projected > budget:
-            return projected, None, True
-        t0 = time.perf_counter()
-        out = predict(te)
-        t_pred = time.perf_counter() - t0
-    return t_fit + t_pred, (-out.detach().double()).numpy(), False
+        return _timed(fit, predict, te, budget, negate=True)
 
 
 # ----------------------------------------------------------------------------- model scores
@@ -248,21 +429,33 @@ def spearman(a, b) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results/scores.json")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/scores.json (scores-small.json with --small)")
+    ap.add_argument("--small", action="store_true",
+                    help="tiny sizes (3000 train, 1000 val, 2000 test, D 128; 256/256 model inputs) to check that "
+                    "everything runs; explicit size flags still win")
     ap.add_argument("--classes", type=int, nargs="+", default=[10, 100])
-    ap.add_argument("--n-train", type=int, default=50_000)
-    ap.add_argument("--n-val", type=int, default=10_000)
-    ap.add_argument("--n-test", type=int, default=20_000)
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--model-train", type=int, default=3000)
-    ap.add_argument("--model-test", type=int, default=2000)
+    ap.add_argument("--n-train", type=int, default=None, help="default 50000")
+    ap.add_argument("--n-val", type=int, default=None, help="default 10000")
+    ap.add_argument("--n-test", type=int, default=None, help="default 20000")
+    ap.add_argument("--dim", type=int, default=None, help="default 512")
+    ap.add_argument("--model-train", type=int, default=None, help="default 3000")
+    ap.add_argument("--model-test", type=int, default=None, help="default 2000")
     ap.add_argument("--scores", nargs="+", default=FEATURE_SCORES)
     ap.add_argument("--no-theirs", action="store_true", help="time only oaml")
+    ap.add_argument("--no-openood", action="store_true", help="skip the OpenOOD re-expressions")
+    ap.add_argument("--openood-batch", type=int, default=200, help="OpenOOD postprocess batch size")
     ap.add_argument("--their-budget", type=float, default=120.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="oaml side: best of this many runs")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
     args = ap.parse_args(argv)
+    full = {"n_train": 50_000, "n_val": 10_000, "n_test": 20_000, "dim": 512, "model_train": 3000, "model_test": 2000}
+    small = {"n_train": 3000, "n_val": 1000, "n_test": 2000, "dim": 128, "model_train": 256, "model_test": 256}
+    for k, v in (small if args.small else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.out is None:
+        args.out = "benchmarks/results/scores-small.json" if args.small else "benchmarks/results/scores.json"
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -278,16 +471,17 @@ def main(argv=None):
 
     load_before = os.getloadavg()
     rows = []
-    print(f"{'score':10s} {'C':>4s} {'ours s':>9s} {'theirs s':>10s} {'ratio':>8s} {'AUROC ours':>10s} {'AUROC theirs':>12s} {'spearman':>9s}")
+    print_header()
     for C in args.classes:
         head, tr, va, te, n_id = make_data(C, args.dim, args.n_train, args.n_val, args.n_test, args.seed)
         for name in args.scores:
-            t_ours, ours = run_ours(name, C, args.dim, head, tr, va, te, args.repeats)
+            t_ours, ours, info = run_ours(name, C, args.dim, head, tr, va, te, args.repeats)
             row = {
                 "score": name,
                 "classes": C,
                 "ours_s": t_ours,
                 "auroc_ours": ood_metrics(ours[:n_id], ours[n_id:])["auroc"],
+                **info,
             }
             if not args.no_theirs:
                 t_theirs, theirs, extrap = run_theirs(name, C, head, tr, va, te, args.their_budget)
@@ -295,6 +489,14 @@ def main(argv=None):
                 if theirs is not None:
                     row["auroc_theirs"] = ood_metrics(theirs[:n_id], theirs[n_id:])["auroc"]
                     row["spearman"] = spearman(ours, theirs)
+            if not args.no_openood:
+                res = run_openood(name, C, head, tr, va, te, args.their_budget, args.openood_batch)
+                if res is not None:
+                    t_oo, oo, extrap = res
+                    row.update(openood_s=t_oo, openood_extrapolated=extrap, openood_ratio=t_oo / t_ours)
+                    if oo is not None:
+                        row["auroc_openood"] = ood_metrics(oo[:n_id], oo[n_id:])["auroc"]
+                        row["spearman_openood"] = spearman(ours, oo)
             rows.append(row)
             print_row(row)
     for C in args.classes:
@@ -315,6 +517,9 @@ def main(argv=None):
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "pytorch_ood": their_version,
+        "openood": None if args.no_openood else "v1.5 postprocessors re-expressed in this file",
+        "openood_batch": args.openood_batch,
+        "small": args.small,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "device": "cpu",
@@ -340,14 +545,27 @@ def _git_commit():
         return None
 
 
-def print_row(r):
-    th = r.get("theirs_s")
-    th_s = "-" if th is None else (("~" if r.get("extrapolated") else "") + f"{th:.3f}")
-    ratio = "-" if th is None else f"{th / r['ours_s']:.1f}x"
-    f = lambda k: f"{r[k]:.4f}" if k in r else "-"  # noqa: E731
+def print_header():
     print(
-        f"{r['score']:10s} {r['classes']:4d} {r['ours_s']:9.3f} {th_s:>10s} {ratio:>8s} "
-        f"{f('auroc_ours'):>10s} {f('auroc_theirs'):>12s} {f('spearman'):>9s}",
+        f"{'score':10s} {'C':>4s} {'ours s':>9s} {'pt-ood s':>10s} {'ratio':>7s} {'OpenOOD s':>10s} {'ratio':>7s} "
+        f"{'AUROC ours':>10s} {'pt-ood':>8s} {'OpenOOD':>8s} {'rho pt-ood':>10s} {'rho OpenOOD':>11s}"
+    )
+
+
+def print_row(r):
+    def peer(key, extrap_key):
+        t = r.get(key)
+        if t is None:
+            return "-", "-"
+        return ("~" if r.get(extrap_key) else "") + f"{t:.3f}", f"{t / r['ours_s']:.1f}x"
+
+    th_s, th_r = peer("theirs_s", "extrapolated")
+    oo_s, oo_r = peer("openood_s", "openood_extrapolated")
+    f = lambda k, w=4: f"{r[k]:.{w}f}" if k in r else "-"  # noqa: E731
+    print(
+        f"{r['score']:10s} {r['classes']:4d} {r['ours_s']:9.3f} {th_s:>10s} {th_r:>7s} {oo_s:>10s} {oo_r:>7s} "
+        f"{f('auroc_ours'):>10s} {f('auroc_theirs'):>8s} {f('auroc_openood'):>8s} "
+        f"{f('spearman', 6):>10s} {f('spearman_openood', 6):>11s}",
         flush=True,
     )
 

@@ -158,9 +158,9 @@ def check_choice(name: str, value: Any, choices: tuple, score: str = "") -> Any:
 
 def check_finite(t: torch.Tensor, what: str) -> None:
     if t.dtype.is_floating_point and t.numel():
-        # fast path: a finite sum means every entry is finite (NaN/inf propagate); a sum that
+        # fast path (native dtype): a finite sum means every entry is finite (NaN/inf propagate); a sum that
         # overflows from finite values falls through to the exact count, which is then 0
-        if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        if bool(torch.isfinite(t.sum())):
             return
         bad = int((~torch.isfinite(t)).sum())
         if bad:
