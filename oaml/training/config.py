@@ -76,6 +76,14 @@ class TrainConfig(StrictModel):
     seed: int = 0
     device: str = "auto"
     amp: bool | Literal["auto"] = "auto"
+    # speed-only settings: the same losses and weights up to float rounding, so --resume may change them.
+    # channels_last: the student's conv weights and its input batches in channels_last (NHWC) memory format
+    # (oneDNN convolutions on CPU without layout reorders; tensor cores on CUDA).
+    channels_last: bool = False
+    # compile: torch.compile (inductor) of the student's training forward; the first step of each input shape
+    # and mode pays a one-off compile (tens of seconds for ResNet-18 on CPU; needs a C++ compiler there).
+    # Evaluation and checkpoints use the plain module (state dicts keep their keys, no ``_orig_mod.``).
+    compile: bool = False
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at the end of each epoch only
     tensorboard: bool = True
     progress: bool = True
@@ -90,7 +98,7 @@ class TrainConfig(StrictModel):
 
 
 # settings that do not change what a run computes: a resumed run may change them
-_RUNTIME_KEYS = {"progress", "tensorboard", "device", "data.num_workers", "data.eval_batch_size"}
+_RUNTIME_KEYS = {"progress", "tensorboard", "device", "data.num_workers", "data.eval_batch_size", "channels_last", "compile"}
 
 
 def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

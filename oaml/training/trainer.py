@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -182,6 +183,8 @@ class Trainer:
             load_weights(self.model, cfg.student.init_checkpoint)
             log.info("student initialised from %s", cfg.student.init_checkpoint)
         self.model.to(self.device)
+        if cfg.channels_last:  # conv weights NHWC; _fmt puts the input batches in the same format
+            self.model.to(memory_format=torch.channels_last)
         # last.pt (weights, momentum, the copy written while it is replaced) and best.pt
         check_writable(self.out_dir, need_bytes=20 * sum(p.numel() for p in self.model.parameters()))
         self.preprocess = Preprocess.from_config(cfg.preprocess).to(self.device)
@@ -229,6 +232,9 @@ class Trainer:
                 log.warning("distributed training on CPU: BatchNorm statistics are per process (SyncBatchNorm needs CUDA)")
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        # what each training step runs: compiled when cfg.compile. self.model stays the plain module
+        # that checkpoints (no ``_orig_mod.`` keys), evaluation, the warm-up and the terms use.
+        self.step_net: nn.Module = _compiled(self.net, self.device) if cfg.compile else self.net
 
         groups: List[Dict[str, Any]] = [{"params": list(self.model.parameters())}]
         for term in self.terms.values():
@@ -373,6 +379,10 @@ class Trainer:
             t_logits, t_feats = self.teacher(raw, idx)
         return t_logits.to(self.device).float(), t_feats.to(self.device).float()
 
+    def _fmt(self, x: torch.Tensor) -> torch.Tensor:
+        """A student input batch in the student's memory format (``channels_last`` or as is)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last and x.dim() == 4 else x
+
     def _step(self, raw: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> Dict[str, float]:
         cfg = self.cfg
         self.model.train()
@@ -399,9 +409,9 @@ class Trainer:
         fwd_aux = aux_x is not None and any("aux" in t.requires and t.forward_aux for t in self.terms.values())
         n_aux = aux_x.shape[0] if fwd_aux else 0  # type: ignore[union-attr]
         parts = [x] + ([aux_x] if fwd_aux else []) + [e[0] for e in extra_in.values()]
-        inputs = torch.cat(parts) if len(parts) > 1 else x  # ONE forward pass for ID + outliers
+        inputs = self._fmt(torch.cat(parts) if len(parts) > 1 else x)  # ONE forward pass for ID + outliers
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            logits_all, feats_all = self.net(inputs)
+            logits_all, feats_all = self.step_net(inputs)
         logits_all, feats_all = logits_all.float(), feats_all.float()
         state = StepState(
             images=x,
@@ -463,7 +473,7 @@ class Trainer:
         correct = 0
         for raw, labels in fetcher.in_order(self.cfg.data.eval_batch_size):
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                logits = self.model(self.preprocess(raw.to(self.device)))
+                logits = self.model(self._fmt(self.preprocess(raw.to(self.device))))
             correct += int((logits.argmax(1).cpu() == labels).sum())
         return correct / max(n, 1)
 
@@ -478,7 +488,7 @@ class Trainer:
         logits, feats, labels = [], [], []
         for raw, lab in fetcher.in_order(self.cfg.data.eval_batch_size):
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                lo, fe = self.model.forward_features(self.preprocess(raw.to(self.device)))
+                lo, fe = self.model.forward_features(self._fmt(self.preprocess(raw.to(self.device))))
             logits.append(lo.float())
             feats.append(fe.float())
             labels.append(torch.as_tensor(lab).long())
@@ -520,7 +530,7 @@ class Trainer:
             idx = torch.randint(0, n, (bs,), generator=g)
             raw, labels = self.train.get(idx.tolist())
             with torch.no_grad():
-                logits, feats = self.net(self.preprocess(raw.to(self.device)))
+                logits, feats = self.net(self._fmt(self.preprocess(raw.to(self.device))))
             state = StepState(images=raw, labels=labels.to(self.device), labels_cpu=labels, logits=logits.float(),
                               features=feats.float(), generator=g, epoch=0, step=0, model=self.model, indices=idx)
             if self.teacher_needed:
@@ -665,6 +675,21 @@ class Trainer:
                 if isinstance(v, (int, float)) and k != "epoch":
                     self._tb.add_scalar(k, v, row["epoch"])
             self._tb.flush()
+
+
+def _compiled(net: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile`` (inductor, static shapes: one graph per batch shape and train/eval mode)."""
+    try:
+        supported = hasattr(torch, "compile") and torch._dynamo.is_dynamo_supported()
+    except Exception:  # noqa: BLE001 - an import error inside torch._dynamo means the same
+        supported = False
+    if not supported:
+        raise ConfigError(f"compile: true needs torch.compile, which torch {torch.__version__} does not support on this "
+                          "Python/platform; set compile: false")
+    if device.type == "cpu" and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
+        raise ConfigError("compile: true on the CPU needs a C++ compiler (g++ or clang++, or CXX set) for inductor's "
+                          "kernels; install one or set compile: false")
+    return torch.compile(net, dynamic=False)
 
 
 def _plain_rng_state(state: Dict[str, Any]) -> Dict[str, Any]:
