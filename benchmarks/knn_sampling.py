@@ -29,6 +29,15 @@ libraries, so the script also reports `working_mib` = peak minus the RSS just be
 the peak after the first class (`hwm_first_class_mib`): a sampler whose memory does not depend on
 the number of classes has the same peak after 1 class as after all of them.
 
+Roofline: the candidates' distances are C*R*S*N*n*768*2 FLOP (1.15 TFLOP at the ref size with R=2; the
+boundary pass adds n/(R*S*N) of that). Each worker also measures, in its own process after the run (and
+after its memory figures were read), the fp32 GEMM peak on the same shapes: a plain torch.mm of (rows, 768)
+queries by the (768, n) class matrix for rows 256/1024/4096 on torch's threads, and with T threads also T
+single-thread GEMMs at once (how oaml's workers run); the best is `gemm_peak_gflops`. Each run reports
+`gflops_achieved` (candidate FLOP / wall seconds), `roofline_seconds` (candidate FLOP / peak) and
+`roofline_ratio` (wall seconds / roofline seconds; 1.0 = every cycle a GEMM), and `roofline_ratio_cpu`, the same
+in CPU seconds (peak per CPU second; less sensitive to other jobs). --no-roofline skips this.
+
 Results: printed, and written to benchmarks/results/knn_sampling.json (sizes not rerun are kept).
 Measured at the imagenet size on this project's 2-core machine (one thread, shared with other
 jobs): 4,634 s wall (77 min), 4,373 s CPU, i.e. 4.4 s per class and repeat; peak RSS 1,093 MiB
@@ -192,6 +201,70 @@ def oaml_run(data: Path, out: Path, R: int, backend: str, hwm: list, fpc: int | 
     knn.sample_outliers(data / "id_bank", out / f"cood_{backend}", cfg, progress=False, resume=False, overwrite=True)
 
 
+def roofline(C: int, R: int, n: int, d: int, seconds: float, cpu_seconds: float, gemm: dict | None) -> dict:
+    """FLOP count of the candidates' distances, C*R*S*N*n*d*2 (the issue's ~1.15 TFLOP at the ref size; the
+    boundary pass, C*n*n*d*2, is left out: n/(R*S*N) of it), the rate achieved and the ratio to the roofline,
+    in wall time (peak: GFLOP per wall second) and in CPU time (peak: GFLOP per CPU second of the GEMM threads,
+    less sensitive to other jobs on a shared machine)."""
+    flop = 2.0 * C * R * PAPER["S"] * PAPER["N"] * n * d
+    out = {"candidate_gflop": flop / 1e9, "gflops_achieved": flop / seconds / 1e9}
+    if gemm:
+        out["roofline_seconds"] = flop / (gemm["peak"] * 1e9)
+        out["roofline_ratio"] = seconds / out["roofline_seconds"]
+        out["roofline_cpu_seconds"] = flop / (gemm["peak_per_cpu_second"] * 1e9)
+        out["roofline_ratio_cpu"] = cpu_seconds / out["roofline_cpu_seconds"]
+    return out
+
+
+def gemm_peak(n: int, d: int, seconds: float = 1.5) -> dict:
+    """The fp32 GEMM rate this process reaches on the search's shapes: a plain torch.mm of a (rows, d) block
+    of queries by the (d, n) class matrix, rows in 256, 1024, 4096 (the sampler's similarity blocks are
+    256-1024 rows), on torch's intra-op threads; and, with T > 1 threads, T such GEMMs at once on T Python
+    threads of one intra-op thread each (how the sampler's workers run). ``peak``: the best GFLOP per wall
+    second; ``peak_per_cpu_second``: the best GFLOP per CPU second (user+sys of the process)."""
+    import threading
+
+    import torch
+
+    def rate(rows: int, stop: float) -> tuple[float, float]:  # (GFLOP done, wall seconds)
+        q, zt, o = torch.randn(rows, d), torch.randn(d, n), torch.empty(rows, n)
+        torch.mm(q, zt, out=o)  # warm-up
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < stop:
+            torch.mm(q, zt, out=o)
+            reps += 1
+        return 2.0 * rows * d * n * reps / 1e9, time.perf_counter() - t0
+
+    def timed(fn) -> tuple[float, float]:
+        c0 = time.process_time()
+        gflop, wall = fn()
+        return gflop / wall, gflop / max(time.process_time() - c0, 1e-9)
+
+    threads = torch.get_num_threads()
+    res = {f"mm_{rows}x{d}x{n}_{threads}thr": timed(lambda: rate(rows, seconds / 4)) for rows in (256, 1024, 4096)}
+    if threads > 1:
+        torch.set_num_threads(1)
+        done = [(0.0, 1.0)] * threads
+
+        def one(i: int) -> None:
+            torch.set_num_threads(1)
+            done[i] = rate(1024, seconds / 4)
+
+        def together() -> tuple[float, float]:
+            ts = [threading.Thread(target=one, args=(i,)) for i in range(threads)]
+            t0 = time.perf_counter()
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            return sum(g for g, _ in done), time.perf_counter() - t0
+
+        res[f"mm_1024x{d}x{n}_{threads}x1thr_concurrent"] = timed(together)
+        torch.set_num_threads(threads)
+    return {"peak": max(w for w, _ in res.values()), "peak_per_cpu_second": max(c for _, c in res.values()),
+            "shapes_gflops_wall_cpu": res, "threads": threads}
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch  # noqa: F401  (libraries loaded before the baseline is taken)
     import faiss  # noqa: F401
@@ -212,13 +285,18 @@ def worker(args: argparse.Namespace) -> None:
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     peak = _status_mib("VmHWM")
+    hwm_per_class = [round(h, 1) for i, h in enumerate(hwm) if len(hwm) <= 50 or (i + 1) % 50 == 0 or i == len(hwm) - 1]
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    gemm = None
+    if args.n_used:  # in this process, after the memory figures were read; twice, the better (the load varies)
+        gemm = max(gemm_peak(args.n_used, args.dim), gemm_peak(args.n_used, args.dim), key=lambda g: g["peak"])
     print(json.dumps({
+        "gemm_peak_gflops": gemm["peak"] if gemm else None, "gemm_peak_detail": gemm,
         "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak, "baseline_rss_mib": base, "working_mib": peak - base,
-        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "ru_maxrss_mib": maxrss,
         "hwm_first_class_mib": hwm[0] if hwm else None,
         # every class up to 50; beyond, every 50th class and the last
-        "hwm_per_class_mib": [round(h, 1) for i, h in enumerate(hwm)
-                              if len(hwm) <= 50 or (i + 1) % 50 == 0 or i == len(hwm) - 1],
+        "hwm_per_class_mib": hwm_per_class,
     }))
 
 
@@ -243,6 +321,10 @@ def main() -> None:
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
     ap.add_argument("--R", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--fpc", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--n-used", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dim", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-roofline", action="store_true",
+                    help="skip the GEMM peak measurement (a few seconds per contender) and the roofline ratios")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -256,6 +338,10 @@ def main() -> None:
                   "working = peak - RSS before sampling (libraries loaded)",
         "time": "wall seconds of the sampling call, input on disk, output written to disk; cpu_seconds = "
                 "user+sys CPU time of the same call (less sensitive to other jobs on the shared machine)",
+        "roofline": "candidate_gflop = C*R*S*N*n*d*2 (the candidates' distances); gflops_achieved = that / wall "
+                    "seconds; gemm_peak_gflops = best plain torch.mm rate on the same shapes in the contender's own "
+                    "process (after its run); roofline_ratio = wall seconds / (candidate_gflop / peak); "
+                    "roofline_ratio_cpu = the same in CPU seconds (peak per CPU second of the GEMM)",
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_avg_start": os.getloadavg(), "python": platform.python_version(),
                     "torch": torch.__version__},
@@ -293,8 +379,10 @@ def main() -> None:
             print(f"[{size}] data: {C} x {n} x {d} written in {time.perf_counter() - t_data:.0f} s", flush=True)
             rows = {}
             for name in contenders:
+                n_used = min(n, fpc) if fpc else n
                 cmd = [sys.executable, __file__, "--worker", name, "--data", str(tmp), "--out-dir", str(tmp),
-                       "--R", str(R)] + (["--fpc", str(fpc)] if fpc else [])
+                       "--R", str(R)] + (["--fpc", str(fpc)] if fpc else []) + \
+                      ([] if args.no_roofline else ["--n-used", str(n_used), "--dim", str(d)])
                 p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # stderr: progress, errors
                 if p.returncode != 0:
                     raise SystemExit(f"{name} failed (see its stderr above)")
@@ -302,10 +390,17 @@ def main() -> None:
                 r.update(contender=name, size=size, classes=C, n_per_class=n, dim=d, R=R,
                          features_per_class_used=fpc or n, omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                          output_vectors=C * R * PAPER["S"] * PAPER["m"], load_avg_after=os.getloadavg())
+                r.update(roofline(C, R, n_used, d, r["seconds"], r["cpu_seconds"], r["gemm_peak_detail"]))
                 rows[name] = r
                 print(f"[{size} {C}x{n}x{d} R={R}] {name:11s} {r['seconds']:8.1f} s wall {r['cpu_seconds']:8.1f} s CPU   peak RSS {r['peak_rss_mib']:7.0f} MiB"
                       f"   working {r['working_mib']:6.0f} MiB   HWM after class 1 {r['hwm_first_class_mib']:.0f} MiB",
                       flush=True)
+                if r["gemm_peak_gflops"]:
+                    print(f"    {'':11s} {r['candidate_gflop']:.0f} GFLOP of candidate distances: {r['gflops_achieved']:.1f} "
+                          f"GFLOP/s achieved, GEMM peak {r['gemm_peak_gflops']:.1f} GFLOP/s in the same process "
+                          f"({r['gemm_peak_detail']['threads']} threads) -> roofline {r['roofline_seconds']:.1f} s, "
+                          f"run = x{r['roofline_ratio']:.2f} of it (in CPU time: x{r['roofline_ratio_cpu']:.2f})",
+                          flush=True)
             if "authors" in rows:
                 ref = rows["authors"]
                 for r in rows.values():

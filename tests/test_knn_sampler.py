@@ -1,4 +1,5 @@
-"""k-NN boundary sampler (C-OOD): exactness against brute force, backends, seeds, resume, errors."""
+"""k-NN boundary sampler (C-OOD): exactness against brute force, backends, seeds, resume, errors, and equality of
+the optimised sampler with the implementation it replaced (kept here as the reference)."""
 
 import builtins
 import logging
@@ -292,3 +293,184 @@ def test_cli_sample(tmp_path, capsys):
     rc = cli_main(["sample", "--bank", str(tmp_path / "id"), "--out", str(tmp_path / "bad"), "--S", "41"])
     assert rc == 1 and "S=41" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # checked before anything is written
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimised sampler (pruned top-k, per-boundary-point tasks on worker threads) against the
+# implementation it replaced
+# ----------------------------------------------------------------------------------------------
+def _ref_kth_sim(Zt, Q, k):
+    n = Zt.shape[1]
+    out = torch.empty(Q.shape[0])
+    step = max(1, (1 << 22) // max(n, k))
+    for a in range(0, Q.shape[0], step):
+        sims = Q[a:a + step] @ Zt
+        if k <= n - k + 1:
+            out[a:a + step] = torch.topk(sims, k, dim=1, largest=True, sorted=False).values.amin(dim=1)
+        else:
+            out[a:a + step] = torch.topk(sims, n - k + 1, dim=1, largest=False, sorted=False).values.amax(dim=1)
+    return out
+
+
+def _ref_exact_kth_d2(Q, Z64, z2, k, exclude=None):
+    Q64 = Q.detach().to("cpu", torch.float64)
+    L = Q64.shape[0]
+    out = torch.empty(L, dtype=torch.float64)
+    blk = 64
+    Qp = torch.zeros(-(-L // blk) * blk, Q64.shape[1], dtype=torch.float64)
+    Qp[:L] = Q64
+    ZT = Z64.T.contiguous()
+    for a in range(0, L, blk):
+        q = Qp[a:a + blk]
+        d2 = (q * q).sum(1, keepdim=True) + z2[None, :] - 2.0 * (q @ ZT)
+        d2.clamp_(min=0.0)
+        rows = min(blk, L - a)
+        d2 = d2[:rows]
+        if exclude is not None:
+            d2[torch.arange(rows), exclude[a:a + rows]] = np.inf
+        out[a:a + rows] = torch.kthvalue(d2, k, dim=1).values
+    return out
+
+
+def _ref_select_top(approx, k, tol, exact_fn):
+    approx = approx.detach().float().cpu()
+    thr = torch.topk(approx, k, dim=1).values[:, -1:]
+    rows, cols = torch.nonzero(approx >= thr - tol, as_tuple=True)
+    exact = exact_fn(rows, cols)
+    full = torch.full(approx.shape, -np.inf, dtype=torch.float64)
+    full[rows, cols] = exact
+    vals, order = torch.sort(full, dim=1, descending=True, stable=True)
+    return order[:, :k].contiguous(), vals[:, :k].contiguous()
+
+
+def _reference_sample(Z, cfg):
+    """sample_class_outliers of commit e62ab6e (before the optimisation), correct mode, torch backend, CPU:
+    its code and helpers copied verbatim (less validation and the unused branches)."""
+    Z = Z.detach().to("cpu", torch.float32)
+    Z = Z / Z.norm(dim=1, keepdim=True)
+    n, D = Z.shape
+    K = min(cfg.K, n - 1)
+    S, N, m, R, sigma = cfg.S, cfg.N, cfg.m, cfg.R, cfg.noise_std(D)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    Zt = Z.t().contiguous()
+    Z64 = Z.to(torch.float64)
+    z2 = (Z64 * Z64).sum(1)
+    tol = 2.0 * (2.0 * D * 2.0**-24 + 1e-6) + 1e-6
+    rows_per_chunk = cfg.chunk_size or max(1, int(cfg.chunk_mb * (1 << 20) // (4 * D + 64)))
+    kq = min(K + 1, n)
+    approx = torch.empty(n)
+    for a in range(0, n, rows_per_chunk):
+        approx[a:a + rows_per_chunk] = (2.0 - 2.0 * _ref_kth_sim(Zt, Z[a:a + rows_per_chunk], kq)).float()
+    bidx, bd2 = _ref_select_top(approx[None, :], S, tol,
+                                lambda _r, cols: _ref_exact_kth_d2(Z[cols], Z64, z2, K, exclude=cols))
+    boundary_index = bidx[0]
+    Bpts = Z[boundary_index]
+    out = torch.empty(R, S, m, D)
+    kept_index = torch.empty(R, S, m, dtype=torch.long)
+    kept_d2 = torch.empty(R, S, m, dtype=torch.float64)
+    bpc = max(1, rows_per_chunk // N)
+    buf = torch.empty(min(bpc, S), N, D)
+    for r in range(R):
+        for a in range(0, S, bpc):
+            g = min(bpc, S - a)
+            eps = buf[:g]
+            for j in range(g):
+                torch.randn((N, D), generator=generator, out=eps[j])
+            cand = eps.mul_(sigma)
+            cand += Bpts[a:a + g][:, None, :]
+            cand /= torch.linalg.vector_norm(cand, dim=-1, keepdim=True)
+            approx = (2.0 - 2.0 * _ref_kth_sim(Zt, cand.reshape(g * N, D), K)).float().reshape(g, N)
+            sel, d2 = _ref_select_top(approx, m, tol, lambda rows, cols: _ref_exact_kth_d2(cand[rows, cols], Z64, z2, K))
+            kept_index[r, a:a + g] = sel
+            kept_d2[r, a:a + g] = d2
+            out[r, a:a + g] = cand[torch.arange(g)[:, None].expand(g, m), sel]
+    return out.reshape(R * S * m, D), boundary_index, bd2[0], kept_index, kept_d2
+
+
+def _spy_searches(monkeypatch):
+    made = []
+    real = knn._make_search
+
+    def spy(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]  # (search, device)
+
+    monkeypatch.setattr(knn, "_make_search", spy)
+    return made
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "n, d, kw",
+    [
+        (400, 48, dict(K=40, S=12, N=600, m=2, R=2, sigma=0.12)),  # pruning at work (most rows never ranked)
+        (300, 64, dict(K=120, S=20, N=257, m=3, R=2, sigma=0.2, chunk_size=700)),  # K > n/2: the other top-k side
+        (150, 32, dict(K=300, S=10, N=90, m=5, R=3, sigma=0.3)),  # K clamped to n-1
+        (200, 32, dict(K=10, S=200, N=40, m=2, R=1, sigma=0.3)),  # every point a boundary point
+        (240, 40, dict(K=30, S=8, N=500, m=2, R=2, sigma=1e-4)),  # near-identical candidates: ties within tol
+        (120, 32, dict(K=20, S=6, N=300, m=2, R=2, sigma=0.25, sigma_reference_dim=768, chunk_size=50)),
+    ],
+)
+def test_optimised_sampler_equals_the_previous_implementation(monkeypatch, threads, n, d, kw):
+    rng = np.random.default_rng(n + d)
+    Z = torch.from_numpy((rng.normal(size=(n, d)) + 0.5 * rng.normal(size=d)).astype(np.float32))
+    if kw["sigma"] < 1e-3:  # duplicated rows: tied d_K among the class points too
+        Z[n // 2:] = Z[: n - n // 2]
+    cfg = _cfg(seed=9, **kw)
+    made = _spy_searches(monkeypatch)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the same BLAS threads for both
+    try:
+        vectors, bidx, bd2, kidx, kd2 = _reference_sample(Z, cfg)
+        info = sample_class_outliers(Z, cfg, return_info=True)
+        assert torch.get_num_threads() == threads  # the worker pool restores the thread count
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(info.boundary_index, bidx)
+    assert torch.equal(info.boundary_dk, bd2.sqrt())
+    assert torch.equal(info.kept_index, kidx.reshape(info.kept_index.shape))
+    assert torch.equal(info.kept_dk, kd2.sqrt())
+    assert torch.equal(info.vectors, vectors)
+    if kw["N"] >= 500 and kw["sigma"] > 1e-3:  # the fast path pruned: few candidates went through the top-k
+        total = cfg.R * cfg.S * cfg.N + n
+        assert made[0][0].ranked < 0.5 * total, (made[0][0].ranked, total)
+
+
+def test_pruned_search_matches_the_full_ranking_where_it_matters():
+    rng = np.random.default_rng(3)
+    Z = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(300, 32)).astype(np.float32)), dim=1)
+    s = knn._TorchSearch(Z, torch.device("cpu"))
+    Q = torch.nn.functional.normalize(Z[0] + 0.3 * torch.randn(2000, 32, generator=torch.Generator().manual_seed(1)), dim=1)
+    tol = knn._tolerance(32)
+    for k, keep, rows in [(25, 2, 1024), (200, 3, 256), (299, 1, 300), (1, 4, 77)]:
+        got = s.top_kth_d2(Q, k, keep, tol, rows)
+        full = 2.0 - 2.0 * s.kth_sim(Q, k)
+        thr = torch.topk(full, keep).values[-1]
+        kept = got > -np.inf
+        # every row the selection could shortlist is ranked (1e-5: the float32 GEMM blocks differ), with its
+        # full-ranking value up to that blocking
+        assert kept[full >= thr - tol + 1e-5].all()
+        torch.testing.assert_close(got[kept], full[kept], atol=1e-5, rtol=0)
+        assert kept.sum() < len(Q) / 2  # and most rows were pruned
+        assert torch.equal(torch.topk(got, keep).indices.sort().values, torch.topk(full, keep).indices.sort().values)
+
+
+def test_a_failing_task_stops_the_workers_and_restores_the_thread_count(monkeypatch):
+    calls = {"n": 0}
+    real = knn._candidates
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(knn, "_candidates", failing)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            sample_class_outliers(_class(n=120, d=16), _cfg(S=6, N=200, R=3))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
