@@ -16,16 +16,37 @@ libraries and dtypes: sklearn ``EmpiricalCovariance``, ``np.linalg.eig``, faiss,
 to the test features in batches of --openood-batch (OpenOOD's test loaders use 200), as
 OpenOOD's evaluator calls ``postprocess`` per batch. Deviations are noted per score.
 
-ODIN and Gram need a model: they are timed separately on a small CNN (3 conv blocks, randomly
-initialised; speed does not depend on training) with --model-train 28x28 single-channel random
-inputs for Gram's fit and --model-test inputs for scoring, batch 256, on the CPU.
+Every score of ``oaml.scores.SCORES`` has a row. The feature scores added for pytorch-ood parity
+(EXTRA_FEATURE_SCORES: entropy ... residual) are timed like the ten above against their
+pytorch-ood 0.4.0 detectors (``-`` where pytorch-ood has none: relation, residual), with the
+same hyperparameters on both sides (ours at its defaults; see their_detector for the mapping:
+ASH/SCALE get the features as (B, D, 1, 1) maps, OpenMax is fitted on the correctly classified
+train logits as our ``correct_only=True``, NNGuide on the same bank subset). ``mds_multi`` reads
+FeatureSet.layers: the synthetic sets get three extra pooled "layers" (seeded random ReLU
+projections of the features, D/8, D/4 and D/2 wide) plus ``layer4`` = the features; pytorch-ood's
+``MultiMahalanobis.predict_structured`` is called per batch of 256 (a whole-set call builds
+N x N matrices). OpenOOD v1.5 re-expressions are given for ash_p/b/s, scale, dice, she,
+nnguide, nci, fdbd, relation and residual (OpenOOD fits Residual on the val split with dim 512;
+here on train with our dim, to compare like with like).
+
+Model scores (odin, gram, mds_odin, rankfeat, vra, grad_uncertainty, nac) need a model: they
+are timed separately on a small CNN (3 conv blocks, randomly initialised; speed does not depend
+on training) with --model-train 28x28 single-channel uniform random inputs for the fits and
+--model-test inputs for scoring (first half uniform like the fit inputs, second half ``0.8 x +
+0.1``: a narrower "OOD" half, so the AUROC cross-check is not trivial), batch 256, on the CPU;
+each score and each side gets a freshly built copy of the same network. The inner-layer scores
+name the CNN's modules (rankfeat and vra: the last block's map ``blocks.2``, pytorch-ood's
+backbone/head split there; nac: ``blocks.0..2``); vra uses ``below="clip"`` (pytorch-ood's
+rectification; the default ``"zero"`` costs the same).
 
 If a pytorch-ood detector is projected to exceed --their-budget seconds (measured on a 1/10
-subset of the test set first), its time is extrapolated linearly from the subset and marked
-``"extrapolated": true`` in the JSON and with a ``~`` in the table.
+subset of the test set, or of the model-test batches, first), its time is extrapolated linearly
+from the subset and marked ``"extrapolated": true`` in the JSON and with a ``~`` in the table.
+Rows whose oaml score ran with non-default arguments record them as ``ours_kwargs``.
 
 Usage: python benchmarks/scores.py [--out benchmarks/results/scores.json] [--classes 10 100]
-       python benchmarks/scores.py --small      # a quick check that every side runs (seconds)
+       python benchmarks/scores.py --small      # a quick check that every side runs (under a minute)
+       python benchmarks/scores.py --scores mds knn --model-scores   # a subset, no model scores
 """
 
 from __future__ import annotations
@@ -46,9 +67,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from oaml.metrics import ood_metrics  # noqa: E402
 from oaml.models.adapter import Classifier  # noqa: E402
-from oaml.scores import FeatureSet, create_score  # noqa: E402
+from oaml.scores import SCORES, FeatureSet, create_score  # noqa: E402
 
 FEATURE_SCORES = ["msp", "mls", "ebo", "gen", "gradnorm", "mds", "klm", "react", "vim", "knn"]
+# the scores added for pytorch-ood parity (logits / features / head, and mds_multi on FeatureSet.layers)
+EXTRA_FEATURE_SCORES = [
+    "entropy", "webo", "tscaling", "lts", "gmm", "openmax", "rmd", "pnml", "ash_p", "ash_b", "ash_s", "scale",
+    "dice", "she", "nnguide", "nci", "fdbd", "relation", "residual", "mds_multi",
+]
+MODEL_SCORES = ["odin", "gram", "mds_odin", "rankfeat", "vra", "grad_uncertainty", "nac"]
+LAYERS = ("layer1", "layer2", "layer3", "layer4")  # synthetic FeatureSet.layers for mds_multi
+THEIR_LAYER_BATCH = 256  # pytorch-ood MultiMahalanobis.predict_structured batch
 
 
 # ------------------------------------------------------------------------------------- data
@@ -82,13 +111,39 @@ def make_data(C: int, D: int, n_train: int, n_val: int, n_test: int, seed: int):
     return (W, b), tr, va, te, n_test // 2
 
 
+def with_layers(sets, seed: int):
+    """The FeatureSets with ``layers``: three pooled "inner layers" (ReLU of seeded random
+    projections of the features plus noise, D/8, D/4 and D/2 wide: they inherit the class and
+    OOD structure) and ``layer4`` = the features (as a ResNet's pooled last stage). A separate
+    generator, so the other rows' data do not change."""
+    g = torch.Generator().manual_seed(seed + 7)
+    D = sets[0].feature_dim
+    proj = [torch.randn(D, max(2, D // k), generator=g) / D**0.5 for k in (8, 4, 2)]
+    out = []
+    for fs in sets:
+        f = fs.features
+        layers = {n: torch.relu(f @ P + 0.3 * torch.randn(len(fs), P.shape[1], generator=g))
+                  for n, P in zip(LAYERS, proj)}
+        layers[LAYERS[-1]] = f
+        out.append(FeatureSet(fs.logits, f, fs.labels, layers=layers))
+    return out
+
+
 # ------------------------------------------------------------------------------- our scores
 
 
-def run_ours(name, C, D, head, tr, va, te, repeats=1):
+def ours_kwargs(name, n_train) -> dict:
+    """Non-default arguments of our score in this benchmark (the defaults otherwise)."""
+    if name == "nnguide" and round(0.01 * n_train) < 100:
+        # K=100 needs a bank of >= 100 train samples; the default 1% bank is too small below 10000
+        return {"bank_fraction": min(1.0, 200 / n_train)}
+    return {}
+
+
+def run_ours(name, C, D, head, tr, va, te, repeats=1, kw=None):
     best = float("inf")
     for _ in range(repeats):
-        s = create_score(name)
+        s = create_score(name, **(kw or {}))
         fit_data = {"train": tr, "val": va, "none": None}[s.fit_on]
         t0 = time.perf_counter()
         s.fit(fit_data, head=head)
@@ -101,8 +156,8 @@ def run_ours(name, C, D, head, tr, va, te, repeats=1):
 # ------------------------------------------------------------------------- pytorch-ood side
 
 
-def their_detector(name, C, head, tr, va):
-    """Returns (fit_fn, predict_fn(featureset) -> outlier scores) for pytorch-ood."""
+def their_detector(name, C, head, tr, va, kw=None):
+    """Returns (fit_fn, predict_fn(featureset) -> outlier scores) for pytorch-ood, or None."""
     import pytorch_ood.detector as pd
 
     W, b = head
@@ -141,13 +196,101 @@ def their_detector(name, C, head, tr, va):
     if name == "knn":
         d = pd.KNN(None, k=50)
         return (lambda: d.fit_features(tr.features, tr.labels)), (lambda fs: d.predict_features(fs.features))
-    raise KeyError(name)
+    return extra_their_detector(name, C, fc, head, tr, va, kw or {})
+
+
+def nnguide_bank(tr, kw):
+    """Indices of our NNGuide's bank (its seeded subset of the train split, as in
+    oaml/scores/nnguide.py ``_fit``), so that the peers search the same bank."""
+    s = create_score("nnguide", **kw)
+    if s.bank_fraction >= 1.0:
+        return torch.arange(len(tr))
+    m = max(1, int(round(s.bank_fraction * len(tr))))
+    return torch.randperm(len(tr), generator=torch.Generator().manual_seed(s.seed))[:m].sort().values
+
+
+def extra_their_detector(name, C, fc, head, tr, va, kw):
+    """pytorch-ood 0.4.0 detectors of EXTRA_FEATURE_SCORES at our defaults (as in the agreement
+    tests tests/test_scores_{logit_extra,feature_extra,inner}.py); None where it has none."""
+    import pytorch_ood.detector as pd
+
+    W, b = head
+    flat_head = lambda x: fc(x.flatten(1))  # noqa: E731  ASH/SCALE/SHE/NNGuide call head(features or maps)
+    maps = lambda fs: fs.features[:, :, None, None]  # noqa: E731  pooled features as (B, D, 1, 1) maps
+    none = lambda: None  # noqa: E731
+    if name == "entropy":
+        d = pd.Entropy(None)
+        return none, (lambda fs: d.predict_logits(fs.logits))
+    if name == "webo":  # our default weights (None) = all ones = EBO
+        d = pd.WeightedEBO(None, torch.ones(1, C))
+        return none, (lambda fs: d.predict_logits(fs.logits))
+    if name == "tscaling":  # L-BFGS on T (needs gradients): run_theirs enables them
+        d = pd.TemperatureScaling(None)
+        return (lambda: d.fit_logits(va.logits, va.labels)), (lambda fs: d.predict_logits(fs.logits))
+    if name == "lts":
+        d = pd.LTS(None, head=fc, p=0.05)
+        return none, (lambda fs: d.predict_features(fs.features))
+    if name == "gmm":
+        d = pd.GMM(None, reg=1e-6)
+        return (lambda: d.fit_features(tr.features, tr.labels)), (lambda fs: d.predict_features(fs.features))
+    if name == "openmax":  # ours: correct_only=True, i.e. fit on the correctly classified train logits
+
+        d = pd.OpenMax(None, tailsize=25, alpha=10, euclid_weight=1.0)
+
+        def fit():
+            ok = tr.logits.argmax(1) == tr.labels
+            d.fit_logits(tr.logits[ok], tr.labels[ok])
+
+        return fit, (lambda fs: d.predict_logits(fs.logits))
+    if name == "rmd":
+        d = pd.RMD(None)
+        return (lambda: d.fit_features(tr.features, tr.labels)), (lambda fs: d.predict_features(fs.features))
+    if name == "pnml":
+        d = pd.PNML(None, head=fc)
+        return (lambda: d.fit_features(tr.features, tr.labels)), (lambda fs: d.predict_features(fs.features))
+    if name in ("ash_p", "ash_b", "ash_s"):
+        d = pd.ASH(backbone=None, head=flat_head, variant="ash-" + name[-1], percentile=0.90)
+        return none, (lambda fs: d.predict_feature_maps(maps(fs)))
+    if name == "scale":
+        d = pd.SCALE(backbone=None, head=flat_head, percentile=0.85)
+        return none, (lambda fs: d.predict_feature_maps(maps(fs)))
+    if name == "dice":
+        d = pd.DICE(None, W, b, p=0.90)
+        return (lambda: d.fit_features(tr.features, tr.labels)), (lambda fs: d.predict_features(fs.features))
+    if name == "she":
+        d = pd.SHE(None, head=flat_head)
+        return (lambda: d.fit_features(tr.features, tr.labels)), (lambda fs: d.predict_features(fs.features))
+    if name == "nnguide":  # the same bank subset as ours, K = our K
+        s = create_score("nnguide", **kw)
+        d = pd.NNGuide(None, head=flat_head, k=s.K)
+
+        def fit():
+            idx = nnguide_bank(tr, kw)
+            d.fit_features(tr.features[idx], tr.labels[idx])
+
+        return fit, (lambda fs: d.predict_features(fs.features))
+    if name == "nci":
+        d = pd.NCI(None, fc, alpha=1e-4)
+        return (lambda: d.fit_features(tr.features)), (lambda fs: d.predict_features(fs.features))
+    if name == "fdbd":
+        d = pd.fDBD(None, fc)
+        return (lambda: d.fit_features(tr.features)), (lambda fs: d.predict_features(fs.features))
+    if name == "mds_multi":  # fit/predict_structured on the pooled layers, per batch (see the docstring)
+        d = pd.MultiMahalanobis([nn.Identity() for _ in LAYERS])
+
+        def predict(fs):
+            zs = [fs.layers[n] for n in LAYERS]
+            return torch.cat([d.predict_structured([z[i : i + THEIR_LAYER_BATCH] for z in zs])
+                              for i in range(0, len(fs), THEIR_LAYER_BATCH)])
+
+        return (lambda: d.fit_structured([tr.layers[n] for n in LAYERS], tr.labels)), predict
+    return None  # relation, residual: no pytorch-ood detector
 
 
 # ---------------------------------------------------------------------------- OpenOOD side
 
 
-def openood_detector(name, C, head, tr, va):
+def openood_detector(name, C, head, tr, va, kw=None):
     """Returns (fit_fn, predict_fn(features (B, D) float32, logits (B, C)) -> confidence, higher
     = ID) re-expressing OpenOOD v1.5's postprocessor ``name`` (None when it does not apply)."""
     import scipy.special
@@ -287,11 +430,157 @@ def openood_detector(name, C, head, tr, va):
             return -D_[:, -1]
 
         return fit, predict
+    return extra_openood_detector(name, C, head, tr, va, kw or {})
+
+
+def extra_openood_detector(name, C, head, tr, va, kw):
+    """OpenOOD v1.5 re-expressions for EXTRA_FEATURE_SCORES (as in
+    tests/test_scores_feature_extra.py), at OpenOOD's config values where they equal our
+    defaults; None where not re-expressed. Same calling convention as openood_detector."""
+    W = head[0].detach().float()
+    b = head[1].detach().float()
+    st = {}
+
+    def fc(feat):
+        return torch.as_tensor(feat) @ W.T + b
+
+    def energy(z):
+        return torch.logsumexp(z, dim=1)
+
+    if name in ("ash_p", "ash_b", "ash_s", "scale"):
+        # networks/ash_net.py ash_b/ash_p/ash_s and networks/scale_net.py scale on the (B, D, 1, 1)
+        # view of the pooled feature, then ash/scale_postprocessor.py: energy of net.fc
+        percentile = 85 if name == "scale" else 90
+
+        def predict(f, z):
+            x = torch.from_numpy(f).clone().view(f.shape[0], -1, 1, 1)
+            n = x.shape[1:].numel()
+            k = n - int(np.round(n * percentile / 100.0))
+            t = x.view(x.shape[0], n)
+            s1 = x.sum(dim=[1, 2, 3])
+            v, i = torch.topk(t, k, dim=1)
+            if name == "scale":
+                x = x * torch.exp(s1 / v.sum(1))[:, None, None, None]
+            else:
+                if name == "ash_b":
+                    v = (s1 / k).unsqueeze(1).expand(v.shape)
+                t.zero_().scatter_(dim=1, index=i, src=v)
+                if name == "ash_s":
+                    x = x * torch.exp(s1 / x.sum(dim=[1, 2, 3]))[:, None, None, None]
+            return energy(fc(x.view(x.shape[0], -1)))
+
+        return (lambda: None), predict
+    if name == "dice":  # dice_postprocessor.py, p 90: mask from the mean train feature
+
+        def fit():
+            mean_act = tr.features.float().numpy().mean(0)
+            contrib = mean_act[None, :] * W.numpy()
+            st["w"] = W * torch.Tensor(contrib > np.percentile(contrib, 90))
+
+        def predict(f, z):
+            return energy((torch.from_numpy(f)[:, None, :] * st["w"]).sum(2) + b)
+
+        return fit, predict
+    if name == "she":  # she_postprocessor.py, inner_product: mean train features of correct predictions
+
+        def fit():
+            pred = tr.logits.argmax(1)
+            st["pat"] = torch.stack([tr.features[(tr.labels == c) & (pred == c)].float().mean(0) for c in range(C)])
+
+        def predict(f, z):
+            return (torch.from_numpy(f) * st["pat"][z.argmax(1)]).sum(1)
+
+        return fit, predict
+    if name == "nnguide":  # nnguide_postprocessor.py (faiss IndexFlatIP) on our bank subset, K = our K
+        try:
+            import faiss
+        except ImportError:
+            return None
+        K = create_score("nnguide", **kw).K
+
+        def normalizer(x):
+            return x / np.linalg.norm(x, axis=-1, keepdims=True) + 1e-10
+
+        def fit():
+            idx = nnguide_bank(tr, kw)
+            f, z = tr.features[idx].float().numpy(), tr.logits[idx].float()
+            bank = normalizer(f) * energy(z).numpy()[:, None]
+            st["index"] = faiss.IndexFlatIP(bank.shape[1])
+            st["index"].add(np.ascontiguousarray(bank, dtype=np.float32))
+
+        def predict(f, z):
+            D_, _ = st["index"].search(np.ascontiguousarray(normalizer(f), dtype=np.float32), K)
+            return D_.mean(axis=1) * energy(z).numpy()
+
+        return fit, predict
+    if name == "nci":  # nci_postprocessor.py, alpha 1e-4
+
+        def fit():
+            st["mu"] = tr.features.float().mean(0)
+
+        def predict(f, z):
+            f = torch.from_numpy(f)
+            c = f - st["mu"]
+            return (W[z.argmax(1)] * c).sum(1) / torch.norm(c, dim=1) + 1e-4 * torch.norm(f, p=1, dim=1)
+
+        return fit, predict
+    if name == "fdbd":  # fdbd_postprocessor.py, distance_as_normalizer True (no 1/(C-1): same ranking)
+
+        def fit():
+            st["mu"] = tr.features.float().mean(0)
+            w = W.numpy()
+            denom = np.stack([np.linalg.norm(w - w[p], axis=1) for p in range(C)])
+            denom[np.arange(C), np.arange(C)] = 1
+            st["denom"] = torch.as_tensor(denom, dtype=torch.float32)
+
+        def predict(f, z):
+            values, idx = z.max(1)
+            num = torch.sum(torch.abs(z - values[:, None]) / st["denom"][idx], dim=1)
+            return num / torch.norm(torch.from_numpy(f) - st["mu"], dim=1)
+
+        return fit, predict
+    if name == "relation":  # relation_postprocessor.py, pow 1, threshold 0.03, bank = all train, chunks of 50
+
+        def normalize(x):
+            return x / torch.sqrt((x**2).sum(-1) + 1e-10).reshape(-1, 1)
+
+        def fit():
+            st["f"] = normalize(tr.features.float())
+            st["p"] = torch.softmax(tr.logits.float(), dim=1)
+
+        def predict(f, z):
+            feat, prob = normalize(torch.from_numpy(f)), torch.softmax(z, dim=1)
+            out = []
+            for i in range(0, len(feat), 50):
+                rel = torch.clamp(feat[i : i + 50] @ st["f"].T, min=0.0) * (prob[i : i + 50] @ st["p"].T)
+                rel = (rel.abs() > 0.03) * rel
+                out.append((rel.sign() * rel.abs() ** 1).sum(-1))
+            return torch.cat(out)
+
+        return fit, predict
+    if name == "residual":  # residual_postprocessor.py, fitted on train with our dim (see the docstring)
+
+        def fit():
+            from sklearn.covariance import EmpiricalCovariance
+
+            D = W.shape[1]
+            dim = 256 if D >= 512 else D // 2
+            feats = tr.features.float().numpy()
+            st["u"] = -np.matmul(np.linalg.pinv(W.numpy()), b.numpy())
+            ec = EmpiricalCovariance(assume_centered=True)
+            ec.fit(feats - st["u"])
+            eig_vals, eigen_vectors = np.linalg.eig(ec.covariance_)
+            st["NS"] = np.ascontiguousarray((eigen_vectors.T[np.argsort(eig_vals * -1)[dim:]]).T)
+
+        def predict(f, z):
+            return -np.linalg.norm(np.matmul(f - st["u"], st["NS"]), axis=-1)
+
+        return fit, predict
     return None
 
 
-def run_openood(name, C, head, tr, va, te, budget, batch):
-    det = openood_detector(name, C, head, tr, va)
+def run_openood(name, C, head, tr, va, te, budget, batch, kw=None):
+    det = openood_detector(name, C, head, tr, va, kw)
     if det is None:
         return None
     fit, predict = det
@@ -329,12 +618,17 @@ def _timed(fit, predict, te, budget, negate):
 
 def subset(fs: FeatureSet, n: int) -> FeatureSet:
     idx = torch.linspace(0, len(fs) - 1, n).long()  # spread over ID and OOD halves
-    return FeatureSet(fs.logits[idx], fs.features[idx], fs.labels[idx])
+    layers = None if fs.layers is None else {k: v[idx] for k, v in fs.layers.items()}
+    return FeatureSet(fs.logits[idx], fs.features[idx], fs.labels[idx], layers)
 
 
-def run_theirs(name, C, head, tr, va, te, budget):
-    with torch.no_grad() if name != "gradnorm" else torch.enable_grad():
-        fit, predict = their_detector(name, C, head, tr, va)
+def run_theirs(name, C, head, tr, va, te, budget, kw=None):
+    """(seconds, ID-higher scores or None, extrapolated), or None without a pytorch-ood detector."""
+    with torch.no_grad() if name not in ("gradnorm", "tscaling") else torch.enable_grad():
+        det = their_detector(name, C, head, tr, va, kw)
+        if det is None:
+            return None
+        fit, predict = det
         return _timed(fit, predict, te, budget, negate=True)
 
 
@@ -372,50 +666,117 @@ class SmallCNN(Classifier):
         return self.fc.weight, self.fc.bias
 
 
-def run_model_scores(C, n_train, n_test, seed, budget, with_theirs):
-    import pytorch_ood.detector as pd
+def run_model_scores(C, n_train, n_test, seed, budget, with_theirs, names=MODEL_SCORES):
+    def fresh_model():  # the same weights for every score and side (none sees another's hooks or state)
+        torch.manual_seed(seed)
+        return SmallCNN(C).eval()
 
-    torch.manual_seed(seed)
-    model = SmallCNN(C).eval()
     g = torch.Generator().manual_seed(seed + 1)
     x_tr = torch.rand(n_train, 1, 28, 28, generator=g)
     y_tr = torch.arange(n_train) % C
     x_te = torch.rand(n_test, 1, 28, 28, generator=g)
+    n_id = n_test // 2
+    x_te[n_id:] = 0.8 * x_te[n_id:] + 0.1  # the "OOD" half: the same mean, a narrower range
     y_te = torch.zeros(n_test, dtype=torch.long)
     bs = 256
     tr_loader = [(x_tr[i : i + bs], y_tr[i : i + bs]) for i in range(0, n_train, bs)]
     te_loader = [(x_te[i : i + bs], y_te[i : i + bs]) for i in range(0, n_test, bs)]
     rows = []
-
-    # ODIN
-    t0 = time.perf_counter()
-    ours = create_score("odin").fit().score(model=model, loader=te_loader)
-    t_ours = time.perf_counter() - t0
-    row = {"score": "odin", "classes": C, "ours_s": t_ours, "n_test": n_test}
-    if with_theirs:
-        det = pd.ODIN(model, eps=0.0014, temperature=1000.0)
+    for name in names:
+        kw = MODEL_KWARGS.get(name, {})
+        s = create_score(name, **kw)
+        model = fresh_model()
         t0 = time.perf_counter()
-        theirs = torch.cat([det.predict(x) for x, _ in te_loader]).detach()
-        row["theirs_s"] = time.perf_counter() - t0
-        row["spearman"] = spearman(ours, -theirs.double().numpy())
-    rows.append(row)
-
-    # Gram (grouped by label on both sides; pytorch-ood groups by label)
-    t0 = time.perf_counter()
-    s = create_score("gram", group_by="label").fit(model=model, loader=tr_loader)
-    ours = s.score(model=model, loader=te_loader)
-    t_ours = time.perf_counter() - t0
-    row = {"score": "gram", "classes": C, "ours_s": t_ours, "n_train": n_train, "n_test": n_test}
-    if with_theirs:
-        det = pd.Gram(model.pool_fc, list(model.blocks), num_classes=C, num_poles_list=list(range(1, 6)))
-        torch.manual_seed(seed)
-        t0 = time.perf_counter()
-        det.fit(tr_loader)
-        theirs = torch.cat([det.predict(x) for x, _ in te_loader]).detach()
-        row["theirs_s"] = time.perf_counter() - t0
-        row["spearman"] = spearman(ours, -theirs.double().numpy())
-    rows.append(row)
+        if s.fit_on != "none":
+            s.fit(model=model, loader=tr_loader)
+        ours = s.score(model=model, loader=te_loader)
+        t_ours = time.perf_counter() - t0
+        row = {"score": name, "classes": C, "ours_s": t_ours}
+        if s.fit_on != "none":
+            row["n_train"] = n_train
+        row.update(n_test=n_test, auroc_ours=ood_metrics(ours[:n_id], ours[n_id:])["auroc"])
+        if kw:
+            row["ours_kwargs"] = kw
+        if with_theirs:
+            fit, predict, grad = their_model_detector(name, fresh_model(), C, seed, tr_loader)
+            t_theirs, theirs, extrap = _timed_model(fit, predict, te_loader, budget, grad)
+            row.update(theirs_s=t_theirs, extrapolated=extrap)
+            if theirs is not None:
+                row["auroc_theirs"] = ood_metrics(theirs[:n_id], theirs[n_id:])["auroc"]
+                row["spearman"] = spearman(ours, theirs)
+        rows.append(row)
     return rows
+
+
+# our arguments for the small CNN (its modules: blocks.0, blocks.1, blocks.2, fc)
+MODEL_KWARGS = {
+    "gram": {"group_by": "label"},  # pytorch-ood groups by label
+    "rankfeat": {"layers": "blocks.2"},  # pytorch-ood's single backbone/head split at the last map
+    "vra": {"layer": "blocks.2", "below": "clip"},  # pytorch-ood clips below the lower threshold
+    "nac": {"layers": ["blocks.0", "blocks.1", "blocks.2"]},
+}
+
+
+def their_model_detector(name, model, C, seed, tr_loader):
+    """(fit_fn, predict_fn(x batch) -> outlier scores, needs gradients) of pytorch-ood 0.4.0."""
+    import pytorch_ood.detector as pd
+
+    backbone = lambda x: model.feature_maps(x)[-1]  # noqa: E731
+    head = lambda m: model.fc(m.mean(dim=(2, 3)))  # noqa: E731
+    if name == "odin":
+        d = pd.ODIN(model, eps=0.0014, temperature=1000.0)
+        return (lambda: None), d.predict, True
+    if name == "gram":
+        d = pd.Gram(model.pool_fc, list(model.blocks), num_classes=C, num_poles_list=list(range(1, 6)))
+
+        def fit():
+            torch.manual_seed(seed)
+            d.fit(tr_loader)
+
+        return fit, d.predict, True
+    if name == "mds_odin":  # our noise 0.0014, std None (no per-channel division)
+        d = pd.MahalanobisODIN(model.features, eps=0.0014)
+        return (lambda: d.fit(tr_loader)), d.predict, True
+    if name == "rankfeat":
+        d = pd.RankFeat(backbone=backbone, head=head)
+        return (lambda: None), d.predict, False
+    if name == "vra":
+        d = pd.VRA(backbone=backbone, head=head, lower_percentile=0.01, upper_percentile=0.99)
+        return (lambda: d.fit(tr_loader)), d.predict, False
+    if name == "grad_uncertainty":
+        d = pd.GradUncertainty(model)
+        return (lambda: None), d.predict, True
+    if name == "nac":
+        d = pd.NACUE(model, layers=list(model.blocks))
+        return (lambda: d.fit(tr_loader)), d.predict, True
+    raise KeyError(name)
+
+
+def _timed_model(fit, predict, loader, budget, grad):
+    """``_timed`` for a model detector: fit, then the first 1/10 of the batches; extrapolated
+    linearly when projected over ``budget``. Returns (seconds, ID-higher scores or None, extrapolated)."""
+    import logging
+    import warnings
+
+    logging.getLogger("pytorch_ood").setLevel(logging.ERROR)
+    with torch.enable_grad() if grad else torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        fit()
+        t_fit = time.perf_counter() - t0
+        k = max(1, len(loader) // 10)
+        t0 = time.perf_counter()
+        for x, _ in loader[:k]:
+            predict(x)
+        t_small = time.perf_counter() - t0
+        n, n_small = sum(len(x) for x, _ in loader), sum(len(x) for x, _ in loader[:k])
+        projected = t_fit + t_small * n / n_small
+        if projected > budget:
+            return projected, None, True
+        t0 = time.perf_counter()
+        out = torch.cat([predict(x).detach().reshape(-1) for x, _ in loader])
+        t_pred = time.perf_counter() - t0
+    return t_fit + t_pred, -out.double().numpy(), False
 
 
 def spearman(a, b) -> float:
@@ -440,7 +801,10 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=None, help="default 512")
     ap.add_argument("--model-train", type=int, default=None, help="default 3000")
     ap.add_argument("--model-test", type=int, default=None, help="default 2000")
-    ap.add_argument("--scores", nargs="+", default=FEATURE_SCORES)
+    ap.add_argument("--scores", nargs="*", default=FEATURE_SCORES + EXTRA_FEATURE_SCORES,
+                    help="feature scores (default: all of them)")
+    ap.add_argument("--model-scores", nargs="*", default=MODEL_SCORES,
+                    help="model scores on the small CNN (default: all; none with a bare --model-scores)")
     ap.add_argument("--no-theirs", action="store_true", help="time only oaml")
     ap.add_argument("--no-openood", action="store_true", help="skip the OpenOOD re-expressions")
     ap.add_argument("--openood-batch", type=int, default=200, help="OpenOOD postprocess batch size")
@@ -474,8 +838,15 @@ def main(argv=None):
     print_header()
     for C in args.classes:
         head, tr, va, te, n_id = make_data(C, args.dim, args.n_train, args.n_val, args.n_test, args.seed)
+        layered = None
         for name in args.scores:
-            t_ours, ours, info = run_ours(name, C, args.dim, head, tr, va, te, args.repeats)
+            if name == "mds_multi":  # the only score that reads FeatureSet.layers
+                layered = layered or with_layers((tr, va, te), args.seed)
+                sets = layered
+            else:
+                sets = (tr, va, te)
+            kw = ours_kwargs(name, args.n_train)
+            t_ours, ours, info = run_ours(name, C, args.dim, head, *sets, args.repeats, kw)
             row = {
                 "score": name,
                 "classes": C,
@@ -483,14 +854,18 @@ def main(argv=None):
                 "auroc_ours": ood_metrics(ours[:n_id], ours[n_id:])["auroc"],
                 **info,
             }
+            if kw:
+                row["ours_kwargs"] = kw
             if not args.no_theirs:
-                t_theirs, theirs, extrap = run_theirs(name, C, head, tr, va, te, args.their_budget)
-                row.update(theirs_s=t_theirs, extrapolated=extrap, ratio=t_theirs / t_ours)
-                if theirs is not None:
-                    row["auroc_theirs"] = ood_metrics(theirs[:n_id], theirs[n_id:])["auroc"]
-                    row["spearman"] = spearman(ours, theirs)
+                res = run_theirs(name, C, head, *sets, args.their_budget, kw)
+                if res is not None:
+                    t_theirs, theirs, extrap = res
+                    row.update(theirs_s=t_theirs, extrapolated=extrap, ratio=t_theirs / t_ours)
+                    if theirs is not None:
+                        row["auroc_theirs"] = ood_metrics(theirs[:n_id], theirs[n_id:])["auroc"]
+                        row["spearman"] = spearman(ours, theirs)
             if not args.no_openood:
-                res = run_openood(name, C, head, tr, va, te, args.their_budget, args.openood_batch)
+                res = run_openood(name, C, head, *sets, args.their_budget, args.openood_batch, kw)
                 if res is not None:
                     t_oo, oo, extrap = res
                     row.update(openood_s=t_oo, openood_extrapolated=extrap, openood_ratio=t_oo / t_ours)
@@ -499,8 +874,9 @@ def main(argv=None):
                         row["spearman_openood"] = spearman(ours, oo)
             rows.append(row)
             print_row(row)
-    for C in args.classes:
-        for row in run_model_scores(C, args.model_train, args.model_test, args.seed, args.their_budget, not args.no_theirs):
+    for C in args.classes if args.model_scores else []:
+        for row in run_model_scores(C, args.model_train, args.model_test, args.seed, args.their_budget,
+                                    not args.no_theirs, args.model_scores):
             if "theirs_s" in row:
                 row["ratio"] = row["theirs_s"] / row["ours_s"]
             rows.append(row)
@@ -513,6 +889,7 @@ def main(argv=None):
         "dim": args.dim,
         "model_train": args.model_train,
         "model_test": args.model_test,
+        "model_test_ood": "second half of the model-test inputs: 0.8 x + 0.1 (x uniform, like the first half)",
         "seed": args.seed,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -526,6 +903,7 @@ def main(argv=None):
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "repeats_ours": args.repeats,
+        "not_benchmarked": sorted(set(SCORES.primary_names()) - set(args.scores) - set(args.model_scores)),
         "git_commit": _git_commit(),
     }
     out = Path(args.out)
@@ -547,7 +925,7 @@ def _git_commit():
 
 def print_header():
     print(
-        f"{'score':10s} {'C':>4s} {'ours s':>9s} {'pt-ood s':>10s} {'ratio':>7s} {'OpenOOD s':>10s} {'ratio':>7s} "
+        f"{'score':16s} {'C':>4s} {'ours s':>9s} {'pt-ood s':>10s} {'ratio':>7s} {'OpenOOD s':>10s} {'ratio':>7s} "
         f"{'AUROC ours':>10s} {'pt-ood':>8s} {'OpenOOD':>8s} {'rho pt-ood':>10s} {'rho OpenOOD':>11s}"
     )
 
@@ -563,7 +941,7 @@ def print_row(r):
     oo_s, oo_r = peer("openood_s", "openood_extrapolated")
     f = lambda k, w=4: f"{r[k]:.{w}f}" if k in r else "-"  # noqa: E731
     print(
-        f"{r['score']:10s} {r['classes']:4d} {r['ours_s']:9.3f} {th_s:>10s} {th_r:>7s} {oo_s:>10s} {oo_r:>7s} "
+        f"{r['score']:16s} {r['classes']:4d} {r['ours_s']:9.3f} {th_s:>10s} {th_r:>7s} {oo_s:>10s} {oo_r:>7s} "
         f"{f('auroc_ours'):>10s} {f('auroc_theirs'):>8s} {f('auroc_openood'):>8s} "
         f"{f('spearman', 6):>10s} {f('spearman_openood', 6):>11s}",
         flush=True,
