@@ -103,6 +103,8 @@ class PipelineConfig(StrictModel):
     vanilla: StudentRunConfig = StudentRunConfig(optim=OptimConfig(lr=0.1, epochs=3))
     oaml: StudentRunConfig = StudentRunConfig(optim=OptimConfig(lr=0.01, epochs=2), method=MethodConfig(name="oaml"))
     continuation: bool = True  # also train vanilla for the OAML epochs from the same start (fair comparison)
+    channels_last: bool = False  # every student run: NHWC memory format (TrainConfig.channels_last)
+    compile: bool = False  # every student run: torch.compile of the training step's network (TrainConfig.compile)
     eval: EvalStageConfig = EvalStageConfig()
     progress: bool = True
 
@@ -142,6 +144,8 @@ def _train_config(cfg: PipelineConfig, run: StudentRunConfig, init: Optional[str
         "seed": cfg.seed,
         "device": cfg.device,
         "progress": cfg.progress,
+        "channels_last": cfg.channels_last,
+        "compile": cfg.compile,
     }, source="pipeline student run")
 
 

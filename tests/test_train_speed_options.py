@@ -200,3 +200,13 @@ def test_inductor_compiled_training_matches_and_checkpoints_load_into_a_plain_mo
     for k, v in cc.model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     torch._dynamo.reset()
+
+
+def test_pipeline_passes_the_speed_options_to_every_student_run():
+    from oaml.pipeline import PipelineConfig, _train_config
+
+    cfg = PipelineConfig.from_dict({"channels_last": True, "compile": True})
+    tc = _train_config(cfg, cfg.vanilla, None, None, {}, 0)
+    assert tc.channels_last is True and tc.compile is True
+    plain = _train_config(PipelineConfig(), PipelineConfig().vanilla, None, None, {}, 0)
+    assert plain.channels_last is False and plain.compile is False
