@@ -150,8 +150,10 @@ def _trainer(tmp_path, cfg, name):
                    teacher=FakeTeacher(), teacher_feature_dim=8, banks=banks)
 
 
-def test_oaml_is_kd_plus_image_outliers():
-    assert set(resolve_terms(MethodConfig(name="oaml"))) == {"ce", "kd_logit", "image_outliers"}
+def test_oaml_is_kd_plus_image_outliers_with_outlier_exposure():
+    terms = resolve_terms(MethodConfig(name="oaml"))
+    assert set(terms) == {"ce", "kd_logit", "image_outliers"}
+    assert terms["image_outliers"]["kd"] == 0.0  # chosen on OOD-val: OE on the image outliers, no KD on them
 
 
 def test_image_outliers_go_through_the_one_forward_pass_with_the_teachers_logits(tmp_path, monkeypatch):
