@@ -61,6 +61,23 @@ def _outlier_loss(cfg, logits_id: torch.Tensor, logits_out: torch.Tensor) -> tor
     return loss
 
 
+def _teacher_space_outliers(term: str, banks: List[str], ctx: BuildContext, missing_hint: str, dim_hint: str) -> torch.Tensor:
+    """The named outlier banks' vectors (each in the teacher's feature space), L2-normalised and
+    stacked; a bank the run lacks or of another width is a ConfigError naming the term."""
+    vecs = []
+    for key in banks:
+        if key not in ctx.banks:
+            raise ConfigError(f"{term} uses the {key.upper()} bank, which this run does not have{missing_hint}")
+        bank = ctx.banks[key]
+        if bank.dim != ctx.teacher_feature_dim:
+            raise ConfigError(
+                f"{term}: the {key.upper()} bank holds {bank.dim}-d vectors, the teacher's features are "
+                f"{ctx.teacher_feature_dim}-d ({dim_hint}); use banks: [cood]"
+            )
+        vecs.append(torch.from_numpy(np.asarray(bank.to_numpy()[0], dtype=np.float32)))
+    return F.normalize(torch.cat(vecs), dim=1) if vecs else torch.zeros(0, ctx.teacher_feature_dim)
+
+
 class _OutlierLossConfig(TermConfig):
     oe: float = Field(0.0, ge=0)
     energy: float = Field(0.0, ge=0)
@@ -164,18 +181,8 @@ class FeatureOutlierTerm(Term):
         super().__init__(cfg, ctx)
         if ctx.teacher_feature_dim is None:
             raise ConfigError("feature_outliers needs a teacher (teacher.checkpoint)")
-        vecs = []
-        for key in cfg.banks:
-            if key not in ctx.banks:
-                raise ConfigError(f"feature_outliers uses the {key.upper()} bank, which this run does not have")
-            bank = ctx.banks[key]
-            if bank.dim != ctx.teacher_feature_dim:
-                raise ConfigError(
-                    f"feature_outliers: the {key.upper()} bank holds {bank.dim}-d vectors, the teacher's features are "
-                    f"{ctx.teacher_feature_dim}-d (a Stable Diffusion D-OOD bank cannot be mapped); use banks: [cood]"
-                )
-            vecs.append(torch.from_numpy(np.asarray(bank.to_numpy()[0], dtype=np.float32)))
-        self.register_buffer("outliers", F.normalize(torch.cat(vecs), dim=1), persistent=False)
+        out = _teacher_space_outliers("feature_outliers", cfg.banks, ctx, "", "a Stable Diffusion D-OOD bank cannot be mapped")
+        self.register_buffer("outliers", out, persistent=False)
         d_t, d_s = ctx.teacher_feature_dim, ctx.feature_dim
         self.map = (nn.Linear(d_t, d_s) if cfg.map_hidden is None
                     else nn.Sequential(nn.Linear(d_t, cfg.map_hidden), nn.ReLU(), nn.Linear(cfg.map_hidden, d_s)))
@@ -233,19 +240,9 @@ class ContrastiveTerm(Term):
         super().__init__(cfg, ctx)
         if ctx.teacher_feature_dim is None:
             raise ConfigError("contrastive needs a teacher (teacher.checkpoint)")
-        vecs = []
-        for key in (cfg.banks if cfg.per_step else []):
-            if key not in ctx.banks:
-                raise ConfigError(f"contrastive uses the {key.upper()} bank, which this run does not have "
-                                  "(set per_step: 0 for other-class negatives only)")
-            bank = ctx.banks[key]
-            if bank.dim != ctx.teacher_feature_dim:
-                raise ConfigError(
-                    f"contrastive: the {key.upper()} bank holds {bank.dim}-d vectors, the teacher's features are "
-                    f"{ctx.teacher_feature_dim}-d (a Stable Diffusion D-OOD bank is not in the teacher's space); use banks: [cood]"
-                )
-            vecs.append(torch.from_numpy(np.asarray(bank.to_numpy()[0], dtype=np.float32)))
-        out = F.normalize(torch.cat(vecs), dim=1) if vecs else torch.zeros(0, ctx.teacher_feature_dim)
+        out = _teacher_space_outliers("contrastive", cfg.banks if cfg.per_step else [], ctx,
+                                      " (set per_step: 0 for other-class negatives only)",
+                                      "a Stable Diffusion D-OOD bank is not in the teacher's space")
         self.register_buffer("outliers", out, persistent=False)
         d_t, d_s = ctx.teacher_feature_dim, ctx.feature_dim
         self.proj = (nn.Linear(d_s, d_t) if cfg.hidden is None
