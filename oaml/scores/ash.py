@@ -119,10 +119,10 @@ class HeadOnlyScore(Score):
         return energy_through_head(self._shape(f), self._W, self._b).numpy()
 
 
-class _ASH(HeadOnlyScore):
-    r"""Shared code of ASH-P/-B/-S (see the registered classes for each formula)."""
+class PercentileShaping(HeadOnlyScore):
+    r"""Shared code of the scores that keep the top ``k = D - round(D * percentile / 100)``
+    penultimate activations (ASH-P/-B/-S, SCALE): the validated percentile and k, fixed at fit."""
 
-    variant: ClassVar[str]
     grid: ClassVar[dict] = {"percentile": PERCENTILE_GRID}
 
     def __init__(self, percentile: float = 90.0):
@@ -140,6 +140,12 @@ class _ASH(HeadOnlyScore):
                 f"(kept = D - round(D * percentile / 100) = {k}); use a smaller percentile"
             )
         self.k_ = k
+
+
+class _ASH(PercentileShaping):
+    r"""Shared code of ASH-P/-B/-S (see the registered classes for each formula)."""
+
+    variant: ClassVar[str]
 
     def _shape(self, f: torch.Tensor) -> torch.Tensor:
         k = self.k_

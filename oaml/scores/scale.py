@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
-from ..errors import ConfigError
-from .ash import PERCENTILE_GRID, HeadOnlyScore, kept_count, shape_ratio, top_k_stable
-from .base import SCORES, check_number
+from .ash import PercentileShaping, shape_ratio, top_k_stable
+from .base import SCORES
 
 
 @SCORES.register("scale")
-class SCALE(HeadOnlyScore):
+class SCALE(PercentileShaping):
     r"""Energy of the head applied to the penultimate features scaled per sample,
 
     .. math:: s(x) = \log \sum_c \exp\big(e^{s_1/s_2}\, W f + b\big)_c,
@@ -37,23 +34,9 @@ class SCALE(HeadOnlyScore):
     """
 
     name = "scale"
-    grid: ClassVar[dict] = {"percentile": PERCENTILE_GRID}
 
     def __init__(self, percentile: float = 85.0):
-        super().__init__()
-        self.percentile = check_number(
-            "percentile", percentile, low=0.0, high=100.0, high_open=True, score=self.name
-        )
-
-    def _fit_head(self, W, b) -> None:
-        D = int(W.shape[1])
-        k = kept_count(D, self.percentile)
-        if k < 1:
-            raise ConfigError(
-                f"{self.name}: percentile={self.percentile} keeps no activation of D={D} features "
-                f"(kept = D - round(D * percentile / 100) = {k}); use a smaller percentile"
-            )
-        self.k_ = k
+        super().__init__(percentile)
 
     def _shape(self, f: torch.Tensor) -> torch.Tensor:
         vals, _ = top_k_stable(f, self.k_)
