@@ -30,6 +30,9 @@ Variants (--variants, comma-separated; each one '+'-joined tokens applied on top
   compile       TrainConfig.compile: torch.compile (inductor) of the student's training forward;
                 its one-off compile falls in the warm-up steps (first_step_s; a later variant with
                 the same shapes reuses the compiled graph, so its first step is short)
+  amp           TrainConfig.amp = true: autocast to bfloat16 on a CPU with native bfloat16 (AVX-512 BF16 /
+                AMX), float16/bfloat16 on CUDA; CHANGES THE NUMERICS (bfloat16 activations): flagged
+                changes_numerics, its effect on accuracy and AUROC measured by benchmarks/amp_quality.py
   bsN           ID batch size N (outliers scale with it); CHANGES THE OPTIMISATION (fewer, larger
                 steps per epoch): flagged changes_optimisation and reported apart from the others
   tN            N intra-op threads (torch.set_num_threads) for this variant
@@ -96,6 +99,8 @@ def _variant(spec: str, base: dict) -> dict:
             opts["channels_last"] = True
         elif tok == "compile":
             opts["compile"] = True
+        elif tok == "amp":
+            opts["amp"] = True
         elif tok == "fd":
             opts["flush_denormal"] = True
         elif tok == "nomkldnn":
@@ -105,7 +110,7 @@ def _variant(spec: str, base: dict) -> dict:
         elif re.fullmatch(r"t\d+", tok):
             opts["threads"] = int(tok[1:])
         else:
-            raise SystemExit(f"--variants: unknown token {tok!r} in {spec!r} (base, cl, compile, bsN, tN, fd, nomkldnn)")
+            raise SystemExit(f"--variants: unknown token {tok!r} in {spec!r} (base, cl, compile, amp, bsN, tN, fd, nomkldnn)")
     if opts["batch_size"] < 2:
         raise SystemExit(f"--variants {spec!r}: batch size must be >= 2")
     return opts
@@ -144,6 +149,7 @@ def main() -> int:
     ap.add_argument("--variants", default="base", help="comma-separated variants (see above); the first is the reference")
     ap.add_argument("--channels-last", action="store_true", help="TrainConfig.channels_last in every variant")
     ap.add_argument("--compile", action="store_true", help="TrainConfig.compile in every variant")
+    ap.add_argument("--amp", action="store_true", help="TrainConfig.amp = true in every variant (bfloat16 on a CPU with it)")
     ap.add_argument("--batch-size", type=int, default=None, help="ID batch size (default: the demo's, 128)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
@@ -175,7 +181,7 @@ def main() -> int:
             "preprocess": demo.preprocess.model_copy(update={"size": 224}),
             "teacher": demo.teacher.model_copy(update={"size": 224}),
         })
-    base = {"channels_last": args.channels_last, "compile": args.compile, "batch_size": args.batch_size or demo.batch_size,
+    base = {"channels_last": args.channels_last, "compile": args.compile, "amp": args.amp, "batch_size": args.batch_size or demo.batch_size,
             "threads": torch.get_num_threads(), "flush_denormal": args.flush_denormal, "mkldnn": not args.no_mkldnn}
     variants = {v.strip(): _variant(v, base) for v in args.variants.split(",") if v.strip()}
     if not variants:
@@ -216,14 +222,15 @@ def main() -> int:
     results: dict = {"variants": {}}
     batches: dict = {}
     for vname, opts in variants.items():
-        vres: dict = {"options": opts, "changes_optimisation": opts["batch_size"] != base["batch_size"], "contenders": {}}
+        vres: dict = {"options": opts, "changes_optimisation": opts["batch_size"] != base["batch_size"],
+                      "changes_numerics": opts["amp"] != base["amp"], "contenders": {}}
         results["variants"][vname] = vres
         with _Process(opts):
             for name in contenders:
                 cfg, cache = configs[name]
                 if cache is not None:
                     cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"cache": cache, "cache_dir": str(teacher_cache)})})
-                cfg = cfg.model_copy(update={"channels_last": opts["channels_last"], "compile": opts["compile"],
+                cfg = cfg.model_copy(update={"channels_last": opts["channels_last"], "compile": opts["compile"], "amp": opts["amp"],
                                              "data": cfg.data.model_copy(update={"batch_size": opts["batch_size"]})})
                 t0 = time.perf_counter()
                 trainer = build_trainer(cfg, tmp / "runs" / vname / name, teacher=teacher if cache is not None else None)
@@ -314,7 +321,8 @@ def main() -> int:
         for k in vres["contenders"]:
             extra = f"  {vres['ratio_to_vanilla'][k]:5.2f}x vanilla" if "ratio_to_vanilla" in vres else ""
             print(f"{vname:20s} {k:18s} {vres['speedup_vs_' + ref_name][k]:5.2f}x the images/s of {ref_name}{extra}"
-                  f"{'  (batch size changes the optimisation)' if vres['changes_optimisation'] else ''}")
+                  f"{'  (batch size changes the optimisation)' if vres['changes_optimisation'] else ''}"
+                  f"{'  (bfloat16: changes the numerics)' if vres['changes_numerics'] else ''}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -105,6 +105,7 @@ class PipelineConfig(StrictModel):
     continuation: bool = True  # also train vanilla for the OAML epochs from the same start (fair comparison)
     channels_last: bool = False  # every student run: NHWC memory format (TrainConfig.channels_last)
     compile: bool = False  # every student run: torch.compile of the training step's network (TrainConfig.compile)
+    amp: bool | Literal["auto"] = "auto"  # every student run: mixed precision (TrainConfig.amp; true = bfloat16 on a CPU with it)
     eval: EvalStageConfig = EvalStageConfig()
     progress: bool = True
 
@@ -146,6 +147,7 @@ def _train_config(cfg: PipelineConfig, run: StudentRunConfig, init: Optional[str
         "progress": cfg.progress,
         "channels_last": cfg.channels_last,
         "compile": cfg.compile,
+        "amp": cfg.amp,
     }, source="pipeline student run")
 
 

@@ -39,7 +39,7 @@ from ..errors import ConfigError, NonFiniteError, ShapeError
 from ..models.checkpoint import save_student
 from ..models.preprocess import Preprocess
 from ..models.resnet import create_model, load_weights
-from ..utils.device import amp_enabled, resolve_device, rng_state, set_rng_state
+from ..utils.device import amp_dtype, amp_enabled, resolve_device, rng_state, set_rng_state
 from ..utils.distributed import average_gradients, broadcast_module
 from ..utils.io import atomic_path, check_writable, write_json
 from .config import TrainConfig
@@ -251,7 +251,7 @@ class Trainer:
         total = self.steps_per_epoch * o.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, total, o.warmup_steps, o.schedule))
         self.use_amp = amp_enabled(self.device, cfg.amp)
-        self.amp_dtype = torch.bfloat16 if (self.use_amp and torch.cuda.is_bf16_supported()) else torch.float16
+        self.amp_dtype = amp_dtype(self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.sampler = DistributedSampler(
             range(n_train), num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed, drop_last=True

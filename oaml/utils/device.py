@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU. A CUDA device without an index (``auto``,
@@ -46,11 +48,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU runs bfloat16 convolutions and GEMMs natively through oneDNN (AVX-512 BF16 or
+    AMX); without it, bfloat16 autocast on the CPU is emulated and slower than float32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the oneDNN ops
+        return False
+
+
 def amp_enabled(device: torch.device, requested: bool | str = "auto") -> bool:
-    """Mixed precision is used on CUDA only (``auto``), never on CPU."""
+    """Whether a run uses mixed precision. ``auto``: on CUDA only (CPU runs stay float32, so their
+    results do not depend on the CPU's instruction set). ``True``: on CUDA, and on a CPU with native
+    bfloat16 (see :func:`amp_dtype`); on a CPU without it this raises, since the emulated bfloat16 is
+    slower than float32. ``False``: never."""
     if requested == "auto":
         return device.type == "cuda"
-    return bool(requested) and device.type == "cuda"
+    if not requested:
+        return False
+    if device.type == "cpu" and not cpu_bf16_supported():
+        raise ConfigError(
+            "amp: true on a CPU without native bfloat16 (AVX-512 BF16 or AMX): its bfloat16 autocast would be "
+            "emulated and slower than float32. Set amp: false (or auto) on this machine"
+        )
+    return device.type in ("cuda", "cpu")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype of a mixed-precision run: bfloat16 on the CPU and on CUDA GPUs that support
+    it (no loss scaling needed), float16 with a GradScaler on older GPUs."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
