@@ -499,3 +499,12 @@ def softmax64(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 def energy64(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     z = logits.to(torch.float64)
     return temperature * torch.logsumexp(z / temperature, dim=1)
+
+
+def check_rcond(rcond: Any, score: str) -> float | None:
+    """The relative eigenvalue cut of a covariance or Gram inverse: None (the default: D * float64
+    eps) or a number in [0, 1)."""
+    if rcond is None:
+        return None
+    return check_number("rcond", rcond, low=0.0, high=1.0, high_open=True, score=score)
+

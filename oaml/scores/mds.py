@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .base import SCORES, FeatureSet, Score, check_number
+from .base import SCORES, FeatureSet, Score, check_number, check_rcond
 
 # ------------------------------------------------------------------------ float32 arithmetic
 
@@ -244,9 +244,7 @@ class MDS(Score):
     def __init__(self, shrinkage: float = 0.0, rcond: float | None = None):
         super().__init__()
         self.shrinkage = check_number("shrinkage", shrinkage, low=0.0, high=1.0, score=self.name)
-        if rcond is not None:
-            rcond = check_number("rcond", rcond, low=0.0, high=1.0, high_open=True, score=self.name)
-        self.rcond = rcond
+        self.rcond = check_rcond(rcond, self.name)
 
     def _shrink(self, cov: torch.Tensor) -> torch.Tensor:
         if self.shrinkage > 0:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .base import SCORES, FeatureSet, Score, check_number
+from .base import SCORES, FeatureSet, Score, check_rcond
 from .rmd import eigh_whitener
 
 
@@ -52,9 +52,7 @@ class PNML(Score):
 
     def __init__(self, rcond: float | None = None):
         super().__init__()
-        if rcond is not None:
-            rcond = check_number("rcond", rcond, low=0.0, high=1.0, high_open=True, score=self.name)
-        self.rcond = rcond
+        self.rcond = check_rcond(rcond, self.name)
 
     @staticmethod
     def _normalise(f: torch.Tensor) -> torch.Tensor:

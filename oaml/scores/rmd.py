@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .base import SCORES, FeatureSet, Score, check_number
+from .base import SCORES, FeatureSet, Score, check_rcond
 
 
 def eigh_whitener(cov: torch.Tensor, rcond: float | None, what: str, score: str = "rmd") -> torch.Tensor:
@@ -53,9 +53,7 @@ class RMD(Score):
 
     def __init__(self, rcond: float | None = None):
         super().__init__()
-        if rcond is not None:
-            rcond = check_number("rcond", rcond, low=0.0, high=1.0, high_open=True, score=self.name)
-        self.rcond = rcond
+        self.rcond = check_rcond(rcond, self.name)
 
     def _fit(self, data: FeatureSet, W, b) -> None:
         X = data.features.detach().to("cpu", torch.float64)
