@@ -44,6 +44,12 @@ subset of the test set, or of the model-test batches, first), its time is extrap
 from the subset and marked ``"extrapolated": true`` in the JSON and with a ``~`` in the table.
 Rows whose oaml score ran with non-default arguments record them as ``ours_kwargs``.
 
+Floors (``"floors"`` in the JSON, per class count; :func:`time_floors`): the float32 GEMMs a
+Mahalanobis score needs when done as one whitening (MDS's goal is stated against them) and one faiss
+flat search of the test set against the train bank (KNN's), plus our KNN with the faiss backend.
+Metrics (``"metrics"``; :func:`time_metrics`): AUROC/FPR@95/AUPR of --metrics-n scores by ours,
+pytorch-ood's ``OODMetrics`` and OpenOOD's ``auc_and_fpr_recall``, against one ``torch.sort``.
+
 Usage: python benchmarks/scores.py [--out benchmarks/results/scores.json] [--classes 10 100]
        python benchmarks/scores.py --small      # a quick check that every side runs (under a minute)
        python benchmarks/scores.py --scores mds knn --model-scores   # a subset, no model scores
@@ -779,6 +785,82 @@ def _timed_model(fit, predict, loader, budget, grad):
     return t_fit + t_pred, -out.double().numpy(), False
 
 
+def _best(fn, n=3) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def time_floors(C, head, tr, va, te, K=50) -> dict:
+    """What the arithmetic of MDS and KNN needs at this size, timed on the same tensors and threads
+    (best of 3; one call for the faiss search), and our KNN with the faiss backend:
+      mds_gemm_s          the float32 GEMMs of a Mahalanobis score done as one whitening: the train
+                          features' D x D second moment (N_train x D x D), the test features whitened
+                          (N_test x D x D) and their products with the C whitened class means
+      knn_faiss_search_s  one faiss IndexFlatL2 search of the L2-normalised test features against the
+                          normalised train bank, K neighbours (what KNN scoring cannot go below with
+                          a flat index on the CPU)
+      knn_faiss_backend_s our ``knn`` with backend="faiss": fit + score, like the table's rows
+    Without faiss installed the two faiss entries are None."""
+    D = tr.features.shape[1]
+    X, T = tr.features.float().contiguous(), te.features.float().contiguous()
+    g = torch.Generator().manual_seed(1)
+    W, M = torch.randn(D, D, generator=g), torch.randn(C, D, generator=g)
+    out = {"mds_gemm_s": _best(lambda: (X.T @ X, (T @ W) @ M.T)), "K": K}
+    try:
+        import faiss
+    except ImportError:
+        return {**out, "knn_faiss_search_s": None, "knn_faiss_backend_s": None}
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    Xn = torch.nn.functional.normalize(X, dim=1).numpy()
+    Tn = torch.nn.functional.normalize(T, dim=1).numpy()
+    index = faiss.IndexFlatL2(D)
+    index.add(Xn)
+    out["knn_faiss_search_s"] = _best(lambda: index.search(Tn, K), n=1)
+    out["knn_faiss_backend_s"], _, _ = run_ours("knn", C, D, head, tr, va, te, 1, {"backend": "faiss", "K": K})
+    return out
+
+
+def time_metrics(n: int, seed: int, peers: bool) -> dict:
+    """AUROC / FPR@95 / AUPR of n scores (half ID, half OOD): ours (``oaml.metrics.ood_metrics``, one
+    sort), pytorch-ood 0.4.0's ``OODMetrics`` (outlier scores = -ours, OOD labelled -1) and OpenOOD
+    v1.5's ``auc_and_fpr_recall`` (openood/evaluators/metrics.py: sklearn roc_curve and two
+    precision_recall_curve calls) re-expressed; the floor is one ``torch.sort`` of the n scores.
+    Best of 3 each; the AUROCs are reported as a cross-check."""
+    g = torch.Generator().manual_seed(seed)
+    h = n // 2
+    x = torch.cat([torch.randn(h, generator=g, dtype=torch.float64) + 1.0, torch.randn(n - h, generator=g, dtype=torch.float64)])
+    xi, xo = x[:h].numpy(), x[h:].numpy()
+    res = {"n": n, "sort_s": _best(lambda: torch.sort(x)), "ours_s": _best(lambda: ood_metrics(xi, xo)),
+           "auroc_ours": ood_metrics(xi, xo)["auroc"]}
+    if not peers:
+        return res
+    from pytorch_ood.metrics import OODMetrics
+    from sklearn import metrics as skm
+
+    labels = torch.cat([torch.zeros(h, dtype=torch.long), -torch.ones(n - h, dtype=torch.long)])
+
+    def theirs():
+        return OODMetrics().update(-x, labels).compute()
+
+    conf, label = x.numpy(), labels.numpy()
+
+    def openood():  # auc_and_fpr_recall(conf, label, 0.95)
+        ood_indicator = np.zeros_like(label)
+        ood_indicator[label == -1] = 1
+        fpr_list, tpr_list, _ = skm.roc_curve(ood_indicator, -conf)
+        fpr = fpr_list[np.argmax(tpr_list >= 0.95)]
+        precision_in, recall_in, _ = skm.precision_recall_curve(1 - ood_indicator, conf)
+        precision_out, recall_out, _ = skm.precision_recall_curve(ood_indicator, -conf)
+        return skm.auc(fpr_list, tpr_list), skm.auc(recall_in, precision_in), skm.auc(recall_out, precision_out), fpr
+
+    res.update(theirs_s=_best(theirs), auroc_theirs=float(theirs()["AUROC"]), openood_s=_best(openood), auroc_openood=float(openood()[0]))
+    return res
+
+
 def spearman(a, b) -> float:
     from scipy.stats import spearmanr
 
@@ -812,7 +894,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="oaml side: best of this many runs")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
+    ap.add_argument("--metrics-n", type=int, default=None,
+                    help="scores in the metrics comparison (default 1,000,000; 100,000 with --small; 0: skip it)")
     args = ap.parse_args(argv)
+    if args.metrics_n is None:
+        args.metrics_n = 100_000 if args.small else 1_000_000
     full = {"n_train": 50_000, "n_val": 10_000, "n_test": 20_000, "dim": 512, "model_train": 3000, "model_test": 2000}
     small = {"n_train": 3000, "n_val": 1000, "n_test": 2000, "dim": 128, "model_train": 256, "model_test": 256}
     for k, v in (small if args.small else full).items():
@@ -834,7 +920,7 @@ def main(argv=None):
         their_version = None
 
     load_before = os.getloadavg()
-    rows = []
+    rows, floors = [], {}
     print_header()
     for C in args.classes:
         head, tr, va, te, n_id = make_data(C, args.dim, args.n_train, args.n_val, args.n_test, args.seed)
@@ -874,6 +960,17 @@ def main(argv=None):
                         row["spearman_openood"] = spearman(ours, oo)
             rows.append(row)
             print_row(row)
+        if "mds" in args.scores or "knn" in args.scores:
+            floors[str(C)] = fl = time_floors(C, head, tr, va, te)
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            print(f"floors C={C}: MDS GEMMs {fmt(fl['mds_gemm_s'])} s, one faiss flat search (K={fl['K']}) "
+                  f"{fmt(fl['knn_faiss_search_s'])} s, our knn with backend=faiss {fmt(fl['knn_faiss_backend_s'])} s", flush=True)
+    metrics = None
+    if args.metrics_n:
+        metrics = time_metrics(args.metrics_n, args.seed, not args.no_theirs)
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"metrics of {args.metrics_n} scores: ours {fmt(metrics['ours_s'])} s, pytorch-ood {fmt(metrics.get('theirs_s'))} s, "
+              f"OpenOOD {fmt(metrics.get('openood_s'))} s, torch.sort {fmt(metrics['sort_s'])} s", flush=True)
     for C in args.classes if args.model_scores else []:
         for row in run_model_scores(C, args.model_train, args.model_test, args.seed, args.their_budget,
                                     not args.no_theirs, args.model_scores):
@@ -908,7 +1005,7 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "floors": floors, "metrics": metrics}, indent=2))
     print(f"wrote {out}")
 
 

@@ -28,7 +28,7 @@ def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "scores.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "scores.py"), "--small", "--classes", "10", "--n-train", "1000",
            "--n-val", "400", "--n-test", "600", "--model-train", "128", "--model-test", "128",
-           "--threads", "1", "--out", str(out)]
+           "--threads", "1", "--metrics-n", "20000", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,3 +71,22 @@ def test_peers_agree_with_ours(result):
             assert r["spearman_openood"] >= 0.99, r
             assert abs(r["auroc_ours"] - r["auroc_openood"]) <= 0.01, r
     assert checked >= 30
+
+
+def test_floors_and_metrics_comparison(result):
+    data, stdout = result
+    fl = data["floors"]["10"]
+    assert fl["mds_gemm_s"] > 0 and fl["K"] == 50
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        assert fl["knn_faiss_search_s"] is None and fl["knn_faiss_backend_s"] is None
+    else:
+        assert fl["knn_faiss_search_s"] > 0 and fl["knn_faiss_backend_s"] > 0
+    m = data["metrics"]
+    assert m["n"] == 20000 and m["sort_s"] > 0 and m["ours_s"] > 0 and m["theirs_s"] > 0 and m["openood_s"] > 0
+    # the same AUROC from all three implementations (ID ~ N(1, 1), OOD ~ N(0, 1): about 0.76)
+    assert 0.70 < m["auroc_ours"] < 0.82
+    assert m["auroc_theirs"] == pytest.approx(m["auroc_ours"], abs=1e-6)
+    assert m["auroc_openood"] == pytest.approx(m["auroc_ours"], abs=1e-6)
+    assert "floors C=10" in stdout and "metrics of 20000 scores" in stdout
