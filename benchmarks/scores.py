@@ -1002,6 +1002,7 @@ def main(argv=None):
         "repeats_ours": args.repeats,
         "not_benchmarked": sorted(set(SCORES.primary_names()) - set(args.scores) - set(args.model_scores)),
         "git_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
