@@ -1,13 +1,19 @@
-"""The README's performance section, rendered from the committed benchmark JSONs (never typed by hand).
+"""The README's result tables, rendered from the committed benchmark JSONs (never typed by hand).
 
-    .venv/bin/python benchmarks/perf_table.py           # print the section
-    .venv/bin/python benchmarks/perf_table.py --write   # replace it in README.md (between the perf markers)
+    .venv/bin/python benchmarks/readme_tables.py           # print every block
+    .venv/bin/python benchmarks/readme_tables.py --write   # replace them in README.md (between their markers)
 
-Reads benchmarks/results/{scores,knn_sampling,train_step,train_step_speed,amp_quality,eval_profile}.json;
-a file that is missing is left out of the section with a line saying so. Every figure is a ratio to a
-peer measured in the same run (pytorch-ood 0.4.0, OpenOOD v1.5 re-expressed, the authors' sampler) or
-to a floor (the GEMMs or the one faiss call the arithmetic needs, one torch.sort), with the goal of
-the performance issue beside it. tests/test_readme_perf.py keeps README.md equal to this output.
+Blocks (README.md holds each between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``):
+  paired  "Does OAML help?": per benchmark (benchmarks/results/fmnist.json, fmnist-openset.json) the
+          paired differences of every method to ``vanilla-cont`` (mean [95% t-interval], bold where the
+          interval excludes 0), the absolute EBO AUROC of vanilla-cont, oaml and the teacher, and the
+          OOD-val table `oaml` was chosen on.
+  perf    "Performance": benchmarks/results/{scores,knn_sampling,train_step,train_step_speed,amp_quality,
+          eval_profile}.json; a missing file is said, not skipped. Every figure is a ratio to a peer
+          measured in the same run (pytorch-ood 0.4.0, OpenOOD v1.5 re-expressed, the authors' sampler)
+          or to a floor (the GEMMs or the one faiss call the arithmetic needs, one torch.sort), with the
+          goal of the performance issue beside it.
+tests/test_readme_tables.py keeps README.md equal to this output.
 """
 
 from __future__ import annotations
@@ -191,7 +197,99 @@ def eval_section(d: Dict[str, Any]) -> List[str]:
             f"again, {model:.1f} s; plots {prof.get('plots', 0):.1f} s."]
 
 
-def render() -> str:
+# ------------------------------------------------------------------------------------ paired
+
+# the benchmarks quoted in "Does OAML help?", with the names their grids ran methods under when a
+# method was renamed after the grid (display name -> name in the JSON)
+BENCHES = (
+    ("fmnist", {"oaml": "oaml-img-oe", "oaml-kdoe": "oaml"}),
+    ("fmnist-openset", {}),
+)
+# candidates for `oaml` (chosen on fmnist's OOD-val by the rule in docs/method.md)
+CANDIDATES = ("oaml-kdoe", "oaml", "oaml-crd", "oaml-r025")
+
+
+def _ci(d: Optional[Dict[str, Any]]) -> str:
+    if not d or d.get("mean") is None:
+        return "-"
+    txt = f"{d['mean']:+.1f}" + (f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d.get("ci95") else "")
+    return f"**{txt}**" if d.get("excludes_zero") else txt
+
+
+def _label(display: str, renames: Dict[str, str]) -> str:
+    name = f"**{display}**" if display == "oaml" else display
+    ran = renames.get(display, display)
+    return name + (f" (run as `{ran}`)" if ran != display else "")
+
+
+def _order(methods: List[str]) -> List[str]:
+    """oaml first, then its variants and ablations, then the baselines, each in the grid's order."""
+    first = [m for m in methods if m == "oaml"]
+    own = [m for m in methods if m.startswith("oaml") and m != "oaml"]
+    return first + own + [m for m in methods if not m.startswith("oaml")]
+
+
+def paired_section(bench: str, d: Dict[str, Any], renames: Dict[str, str]) -> List[str]:
+    ref = d["paired"]["delta_vs"]
+    back = {v: k for k, v in renames.items()}  # JSON name -> display name
+    shown = {back.get(m, m): m for m in d["paired"]["methods"] if m not in ("vanilla", ref)}
+    out = [f"**`{bench}`** (paired differences to `{ref}`, percentage points, mean [95% t-interval]; bold: the interval excludes 0)",
+           "",
+           "| method | n | ID acc Δ | EBO ΔAUROC | EBO ΔFPR@95 | GEN ΔAUROC | EBO ΔAUROC, OE-disjoint sets | EBO ΔAUROC, near sets |",
+           "|---|---|---|---|---|---|---|---|"]
+    for disp in _order(list(shown)):
+        m = d["paired"]["methods"][shown[disp]]
+        ebo, gen = m["scores"]["ebo"], m["scores"]["gen"]
+        out.append(f"| {_label(disp, renames)} | {m['id_accuracy']['n']} | {_ci(m['id_accuracy'])} | {_ci(ebo['all']['auroc'])} "
+                   f"| {_ci(ebo['all']['fpr95'])} | {_ci(gen['all']['auroc'])} | {_ci(ebo.get('oe_disjoint', {}).get('auroc'))} "
+                   f"| {_ci(ebo.get('near', {}).get('auroc'))} |")
+    meth = d["methods"]
+    ours = meth.get(renames.get("oaml", "oaml"))
+    base = meth.get(ref)
+    if ours and base:
+        a = lambda x: x["scores"]["ebo"]["all"]["auroc"]  # noqa: E731
+        line = (f"Absolute, all OOD sets: `{ref}` EBO AUROC {a(base)['mean']:.1f} ± {a(base)['std']:.1f}, `oaml` "
+                f"{a(ours)['mean']:.1f} ± {a(ours)['std']:.1f} (n = {a(ours)['n']}), ID accuracy {base['id_accuracy']['mean']:.2f} vs "
+                f"{ours['id_accuracy']['mean']:.2f}")
+        t = d.get("teacher")
+        if t:
+            line += (f"; the teacher as a detector on its own features (the ceiling, n = 1): EBO AUROC {a(t)['mean']:.1f}, "
+                     f"ID accuracy {t['id_accuracy']['mean']:.2f}")
+        out += ["", line + "."]
+    return out
+
+
+def ood_val_section(bench: str, d: Dict[str, Any], renames: Dict[str, str]) -> List[str]:
+    ref = d["paired"]["delta_vs"]
+    out = [f"**`{bench}`, OOD-val only** (paired to `{ref}`; what `oaml` was chosen on)", "",
+           "| candidate | n | EBO ΔAUROC, all OOD-val sets | EBO ΔAUROC, OE-disjoint OOD-val | EBO ΔFPR@95, all OOD-val | ID acc Δ |",
+           "|---|---|---|---|---|---|"]
+    for disp in CANDIDATES:
+        m = d["paired"]["methods"].get(renames.get(disp, disp))
+        if not m or "ood_val" not in m:
+            continue
+        v = m["ood_val"]["ebo"]
+        out.append(f"| {_label(disp, renames)} | {m['id_accuracy']['n']} | {_ci(v['all']['auroc'])} "
+                   f"| {_ci(v.get('oe_disjoint', {}).get('auroc'))} | {_ci(v['all']['fpr95'])} | {_ci(m['id_accuracy'])} |")
+    return out
+
+
+def render_paired() -> str:
+    parts: List[List[str]] = []
+    for bench, renames in BENCHES:
+        d = _load(f"{bench}.json")
+        parts.append(paired_section(bench, d, renames) if d else [f"Not measured yet: {bench}.json."])
+    d = _load("fmnist.json")
+    if d:
+        parts.append(ood_val_section("fmnist", d, dict(BENCHES)["fmnist"]))
+    body = "\n\n".join("\n".join(p) for p in parts)
+    return f"<!-- paired:start -->\n{body}\n<!-- paired:end -->"
+
+
+# ------------------------------------------------------------------------------------ README
+
+
+def render_perf() -> str:
     parts: List[List[str]] = []
     missing = []
     for name, fn in (("scores.json", scores_section), ("knn_sampling.json", knn_section)):
@@ -215,21 +313,34 @@ def render() -> str:
     return f"{START}\n{body}\n{END}"
 
 
+BLOCKS = {"paired": render_paired, "perf": render_perf}
+
+
+def block_of(text: str, name: str) -> str:
+    """The ``name`` block of a README text, markers included (ValueError if it has none)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"README.md has no {start} ... {end} block: add the two markers where the section goes")
+    return text[text.index(start): text.index(end) + len(end)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--write", action="store_true", help="replace the section in README.md")
+    ap.add_argument("--write", action="store_true", help="replace the blocks in README.md")
     args = ap.parse_args()
-    text = render()
+    blocks = {name: fn() for name, fn in BLOCKS.items()}
     if not args.write:
-        print(text)
+        print("\n\n".join(blocks.values()))
         return 0
     readme = ROOT / "README.md"
     s = readme.read_text()
-    if START not in s or END not in s:
-        raise SystemExit(f"README.md has no {START} ... {END} block: add the two markers where the section goes")
-    a, b = s.index(START), s.index(END) + len(END)
-    readme.write_text(s[:a] + text + s[b:])
-    print(f"wrote the performance section of {readme}")
+    for name, text in blocks.items():
+        try:
+            s = s.replace(block_of(s, name), text)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    readme.write_text(s)
+    print(f"wrote the {', '.join(blocks)} blocks of {readme}")
     return 0
 
 

@@ -1,5 +1,5 @@
 """The README's performance section is rendered from the committed benchmark JSONs
-(benchmarks/perf_table.py): it may not drift from them, and it states each goal's outcome."""
+(benchmarks/readme_tables.py): it may not drift from them, and it states each goal's outcome."""
 
 from __future__ import annotations
 
@@ -7,22 +7,23 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _perf_table():
-    spec = importlib.util.spec_from_file_location("perf_table", ROOT / "benchmarks" / "perf_table.py")
+    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_readme_performance_section_equals_the_rendered_json():
+@pytest.mark.parametrize("name", ["paired", "perf"])
+def test_readme_blocks_equal_the_rendered_json(name):
     pt = _perf_table()
     readme = (ROOT / "README.md").read_text()
-    assert pt.START in readme and pt.END in readme
-    block = readme[readme.index(pt.START): readme.index(pt.END) + len(pt.END)]
-    assert block == pt.render(), "run: .venv/bin/python benchmarks/perf_table.py --write"
+    assert pt.block_of(readme, name) == pt.BLOCKS[name](), "run: .venv/bin/python benchmarks/readme_tables.py --write"
 
 
 def test_rendered_rows_follow_the_json(tmp_path, monkeypatch):
@@ -47,5 +48,5 @@ def test_rendered_rows_follow_the_json(tmp_path, monkeypatch):
     # a missing JSON is said, not skipped silently
     monkeypatch.setattr(pt, "RESULTS", tmp_path)
     (tmp_path / "scores.json").write_text(json.dumps(d))
-    text = pt.render()
+    text = pt.render_perf()
     assert "Not measured yet: knn_sampling.json, train_step.json, train_step_speed.json, amp_quality.json, eval_profile.json." in text
