@@ -6,7 +6,10 @@ equal-compute ``vanilla-cont``) or from scratch (``init: scratch``). The teacher
 bank, C-OOD and D-OOD banks are built once, with ``pipeline.seed``, and shared by all runs.
 
 Seeds can run in parallel processes on one ``--out`` (``--set 'seeds=[2]'`` in one, the others
-in another); ``--report-only`` with every seed then aggregates what all of them finished.
+in another); the shared artefacts are built under a lock (the others wait for them), the teacher's
+own evaluation by whichever process takes it first (the others go on with their seeds), and
+``--report-only`` with every seed then aggregates what all of them finished. Give the processes
+disjoint seeds: two processes training the same (method, seed) at once would resume each other.
 
 Layout of ``--out``::
 
@@ -252,7 +255,7 @@ class Bench:
             if spec.seeds is None or seed in spec.seeds)
         self._build_shared(shared, runs)
         if "teacher" in need:  # the ceiling a distilled student can hope to approach
-            shared.evaluate("teacher", shared.teacher_path, teacher=True)
+            self._evaluate_teacher(shared)
         for seed, p in seeds.items():
             # vanilla first, as pipeline.vanilla whole (its `pretrained` weights, e.g. ImageNet's ResNet-50)
             log.info("=== bench: vanilla, seed %d", seed)
@@ -293,6 +296,24 @@ class Bench:
                     shared.dood()
                 if "image_outliers" in need:
                     shared.image_outliers()
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _evaluate_teacher(shared: Pipeline) -> None:
+        """The teacher's own evaluation, by ONE of the processes sharing ``--out``: the first to take
+        its lock evaluates (or finds the cached result); the others go on with their seeds, and the
+        report includes the teacher once its results exist."""
+        import fcntl
+
+        with open(shared.out / ".teacher-eval.lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("bench: another process is evaluating the teacher; going on with the seeds")
+                return
+            try:
+                shared.evaluate("teacher", shared.teacher_path, teacher=True)
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 

@@ -121,3 +121,27 @@ def test_bench_rejects_bad_term_settings_before_any_work():
     when the grid is read."""
     with pytest.raises(ConfigError, match="queue_size"):
         BenchConfig.from_dict({"methods": {"npos": {"method": {"name": "npos", "terms": {"npos": {"queue_size": 200}}}}}, "delta_vs": None})
+
+
+def test_teacher_is_evaluated_by_one_of_the_processes_sharing_out(tmp_path, caplog):
+    """Two grid workers on one --out: the one holding the teacher-eval lock evaluates the teacher;
+    the other goes on with its seeds instead of evaluating it a second time."""
+    import fcntl
+    import logging
+    from types import SimpleNamespace
+
+    from oaml.bench import Bench
+
+    calls = []
+    shared = SimpleNamespace(out=tmp_path, teacher_path=tmp_path / "teacher.pt",
+                             evaluate=lambda name, path, teacher: calls.append((name, path, teacher)))
+    with open(tmp_path / ".teacher-eval.lock", "w") as other:  # another worker is evaluating it
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with caplog.at_level(logging.INFO, logger="oaml.bench"):
+            Bench._evaluate_teacher(shared)
+        assert calls == []
+        assert "another process is evaluating the teacher" in caplog.text
+    Bench._evaluate_teacher(shared)  # the lock is free: this process evaluates (Pipeline.evaluate caches)
+    assert calls == [("teacher", tmp_path / "teacher.pt", True)]
+    with open(tmp_path / ".teacher-eval.lock", "w") as fh:  # and released it afterwards
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
