@@ -440,3 +440,34 @@ def test_errors_leave_the_model_as_it_was(d):
     with pytest.raises(ShapeError, match="per sample"):  # another input size: other map shape
         v.score(model=d.model, loader=d.loader(torch.randn(8, 1, 32, 32)))
     assert not any(m._forward_hooks for m in d.model.modules())
+
+
+def test_grad_uncertainty_leaves_a_model_with_a_module_registered_twice_usable():
+    """torch.func on a model whose head is registered under two names used to leave
+    functorch-wrapped parameters behind (a later model.to() failed); the score now differentiates a
+    copy: same scores, the model's parameters untouched and still movable."""
+    import torch.nn as nn
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU())
+            self.fc = nn.Linear(8, 3)
+            self.head = self.fc  # the same module under two names
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    m = Tied()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(20, 1, 4, 4)
+    s = create_score("grad_uncertainty")
+    s.fit(None, model=m, loader=[(x, torch.zeros(20))])
+    a = s.score(model=m, loader=[(x, torch.zeros(20))])
+    b = s.score(model=m, loader=[(x, torch.zeros(20))])
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert all(type(p) is nn.Parameter for p in m.parameters())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    m.to(torch.float64)  # raised "mutating directly with `.data` inside functorch transform" before
+    assert m.fc.weight.dtype == torch.float64 and m.head is m.fc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import numpy as np
@@ -91,7 +92,11 @@ class GradUncertainty(Score):
         fn = self._head if self.params == "head" else self._all
         out = []
         with frozen(model):
+            # torch.func reparametrises the module it is given; on a model that registers one module
+            # under two names (tied) it leaves functorch-wrapped parameters behind, and a later
+            # model.to() fails. A copy (ties kept) is reparametrised instead; the model is untouched.
+            net = model if self.params == "head" else copy.deepcopy(model)
             for x, _ in loader_batches(loader, model_device(model), self.name):
                 with torch.no_grad() if self.params == "head" else torch.enable_grad():
-                    out.append(fn(model, x).detach().cpu())
+                    out.append(fn(net, x).detach().cpu())
         return torch.cat(out).numpy()
