@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from oaml.scores import FeatureSet
+
 
 class TinyImages(Dataset):
     """uint8 images whose class is encoded by a bright square's position (learnable in a few steps)."""
@@ -42,3 +44,22 @@ def crash_at_step(trainer, step: int, monkeypatch) -> None:
         return orig(*a, **k)
 
     monkeypatch.setattr(trainer, "_step", dying)
+
+
+def make_problem(seed=0, C=5, D=24, n_train=600, n_val=300, n_test=300):
+    """Post-ReLU class-clustered ID features, a linear head that fits them, OOD = diffuse."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.relu(torch.randn(C, D, generator=g)) * 3.0
+    W = centers / centers.norm(dim=1, keepdim=True) * 2.0
+    b = 0.1 * torch.randn(C, generator=g)
+
+    def id_set(n):
+        y = torch.randint(0, C, (n,), generator=g)
+        f = torch.relu(centers[y] + 0.5 * torch.randn(n, D, generator=g))
+        return FeatureSet(f @ W.T + b, f, y)
+
+    def ood_set(n):
+        f = torch.relu(0.6 * torch.randn(n, D, generator=g) + 0.3)
+        return FeatureSet(f @ W.T + b, f, torch.full((n,), -1))
+
+    return (W, b), id_set(n_train), id_set(n_val), id_set(n_test), ood_set(n_test)

@@ -18,30 +18,13 @@ from oaml.scores import SCORES, FeatureSet, create_score
 from oaml.scores.gram import gram_features
 from oaml.scores.search import search_hyperparameters
 
+from helpers import make_problem
+
 FEATURE_SCORES = ["msp", "mls", "ebo", "gen", "gradnorm", "mds", "klm", "react", "vim", "knn"]
 SMALL = {"vim": {"dim": 8}, "knn": {"K": 5}}
 
 
 # ------------------------------------------------------------------------------ synthetic data
-
-
-def make_problem(seed=0, C=5, D=24, n_train=600, n_val=300, n_test=300):
-    """Post-ReLU class-clustered ID features, a linear head that fits them, OOD = diffuse."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.relu(torch.randn(C, D, generator=g)) * 3.0
-    W = centers / centers.norm(dim=1, keepdim=True) * 2.0
-    b = 0.1 * torch.randn(C, generator=g)
-
-    def id_set(n):
-        y = torch.randint(0, C, (n,), generator=g)
-        f = torch.relu(centers[y] + 0.5 * torch.randn(n, D, generator=g))
-        return FeatureSet(f @ W.T + b, f, y)
-
-    def ood_set(n):
-        f = torch.relu(0.6 * torch.randn(n, D, generator=g) + 0.3)
-        return FeatureSet(f @ W.T + b, f, torch.full((n,), -1))
-
-    return (W, b), id_set(n_train), id_set(n_val), id_set(n_test), ood_set(n_test)
 
 
 @pytest.fixture(scope="module")
