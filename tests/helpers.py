@@ -63,3 +63,23 @@ def make_problem(seed=0, C=5, D=24, n_train=600, n_val=300, n_test=300):
         return FeatureSet(f @ W.T + b, f, torch.full((n,), -1))
 
     return (W, b), id_set(n_train), id_set(n_val), id_set(n_test), ood_set(n_test)
+
+
+class FakeTeacher:
+    """A fixed random projection of the raw image: features (8-d) and logits (4 classes)."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(5)
+        self.P = torch.randn(144, 8, generator=g)
+        self.W = torch.randn(8, 4, generator=g)
+        self.feature_dim = 8
+
+    def outputs(self, raw):
+        f = raw.float().flatten(1) / 255 @ self.P
+        return f @ self.W, f
+
+    def __call__(self, raw, idx):
+        return self.outputs(raw)
+
+    def identity(self):
+        return {"name": "fake"}

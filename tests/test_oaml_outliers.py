@@ -23,27 +23,7 @@ from oaml.training.config import TrainConfig
 from oaml.training.methods import MethodConfig, resolve_terms
 from oaml.training.trainer import Trainer
 
-from helpers import TinyImages
-
-
-class FakeTeacher:
-    """A fixed random projection of the raw image: features (8-d) and logits (4 classes)."""
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(5)
-        self.P = torch.randn(144, 8, generator=g)
-        self.W = torch.randn(8, 4, generator=g)
-        self.feature_dim = 8
-
-    def outputs(self, raw):
-        f = raw.float().flatten(1) / 255 @ self.P
-        return f @ self.W, f
-
-    def __call__(self, raw, idx):
-        return self.outputs(raw)
-
-    def identity(self):
-        return {"name": "fake"}
+from helpers import FakeTeacher, TinyImages
 
 
 def _id_bank(tmp_path, data):

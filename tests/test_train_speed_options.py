@@ -10,7 +10,7 @@ from oaml.outliers.images import ImageOutlierConfig, ImageOutlierSet, build_imag
 from oaml.training.config import TrainConfig, check_same_config
 from oaml.training.trainer import Trainer
 
-from helpers import TinyImages
+from helpers import FakeTeacher, TinyImages
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,26 +23,6 @@ def _dynamo_ok() -> bool:
 
 
 needs_compile = pytest.mark.skipif(not _dynamo_ok(), reason=f"torch.compile is unavailable with torch {torch.__version__} here")
-
-
-class FakeTeacher:
-    """A fixed random projection of the raw image: features (8-d) and logits (4 classes)."""
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(5)
-        self.P = torch.randn(144, 8, generator=g)
-        self.W = torch.randn(8, 4, generator=g)
-        self.feature_dim = 8
-
-    def outputs(self, raw):
-        f = raw.float().flatten(1) / 255 @ self.P
-        return f @ self.W, f
-
-    def __call__(self, raw, idx):
-        return self.outputs(raw)
-
-    def identity(self):
-        return {"name": "fake"}
 
 
 def _cfg(method="vanilla", **top):
