@@ -518,3 +518,35 @@ def test_head_only_scores_check_data_given_to_fit(problem):
         create_score("ash_p").fit(FeatureSet(tr.logits, tr.features[:, :10]), head=(W, b))
     s = create_score("scale").fit(tr, head=(W, b))  # data is optional and only checked
     assert s.is_fitted and s.k_ == 48 - int(np.round(48 * 0.85))
+
+
+def test_top_k_mask_is_the_stable_sort_set_and_top_k_sum_its_sum():
+    """The O(D) selection keeps exactly the first k of a stable descending sort (ties, e.g. the many
+    exact zeros of post-ReLU features, by the lower index), and top_k_sum is the sum of that set."""
+    from oaml.scores.ash import top_k_mask, top_k_sum
+
+    g = torch.Generator().manual_seed(3)
+    f = torch.relu(torch.randn(400, 37, generator=g, dtype=torch.float64) - 0.8)  # ~80% exact zeros
+    f[::7, 5:9] = 1.25  # ties above zero too
+    for k in (1, 4, 9, 20, 37):
+        idx = torch.sort(f, dim=1, descending=True, stable=True).indices[:, :k]
+        ref = torch.zeros_like(f, dtype=torch.bool).scatter_(1, idx, True)
+        mask = top_k_mask(f, k)
+        assert torch.equal(mask, ref), k
+        assert torch.equal(mask.sum(dim=1), torch.full((400,), k))
+        torch.testing.assert_close(top_k_sum(f, k), f.gather(1, idx).sum(dim=1), rtol=1e-13, atol=1e-13)
+
+
+def test_chunked_float64_means_and_class_sums_equal_the_direct_ones():
+    from oaml.scores.base import class_sums64, mean64
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1000, 6, generator=g) * 1e3 + 1e4
+    y = torch.randint(0, 3, (1000,), generator=g)
+    keep = torch.rand(1000, generator=g) > 0.3
+    x64 = x.double()
+    torch.testing.assert_close(mean64(x, chunk=128), x64.mean(dim=0), rtol=1e-14, atol=0)
+    direct = torch.zeros(3, 6, dtype=torch.float64).index_add_(0, y[keep], x64[keep])
+    torch.testing.assert_close(class_sums64(x, y, 3, keep=keep, chunk=100), direct, rtol=1e-14, atol=0)
+    torch.testing.assert_close(class_sums64(x, y, 3, chunk=100),
+                               torch.zeros(3, 6, dtype=torch.float64).index_add_(0, y, x64), rtol=1e-14, atol=0)

@@ -16,7 +16,7 @@ import torch
 from ..errors import ConfigError, ShapeError
 from .base import SCORES, FeatureSet, Head, Score, check_finite, check_number
 
-__all__ = ["ASHP", "ASHB", "ASHS", "HeadOnlyScore", "kept_count", "top_k_stable", "shape_ratio"]
+__all__ = ["ASHP", "ASHB", "ASHS", "HeadOnlyScore", "kept_count", "top_k_mask", "top_k_sum", "shape_ratio"]
 
 PERCENTILE_GRID = [65, 70, 75, 80, 85, 90, 95]  # OpenOOD v1.5 ash.yml / scale.yml percentile_list
 
@@ -27,12 +27,29 @@ def kept_count(D: int, percentile: float) -> int:
     return int(D - int(np.round(D * percentile / 100.0)))
 
 
-def top_k_stable(f: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest entries of each row of ``f`` (values, indices), ties broken by the lower
-    index (a stable descending sort), so the kept set is deterministic even with many exact
-    zeros (post-ReLU features)."""
-    idx = torch.sort(f, dim=1, descending=True, stable=True).indices[:, :k]
-    return f.gather(1, idx), idx
+def _kth_largest(f: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of each row, (N, 1): a selection (O(D) per row), not a sort."""
+    return torch.kthvalue(f, f.shape[1] - k + 1, dim=1, keepdim=True).values
+
+
+def top_k_mask(f: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of each row of ``f``, ties broken by the lower
+    index: the same set as the first k of a stable descending sort, so the kept set is
+    deterministic even with many exact zeros (post-ReLU features). Every entry above the k-th
+    largest value t, then the first (k - #above) entries equal to t."""
+    t = _kth_largest(f, k)
+    above = f > t
+    eq = f == t
+    need = k - above.sum(dim=1, keepdim=True)
+    return above | (eq & (torch.cumsum(eq, dim=1) <= need))
+
+
+def top_k_sum(f: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum of the ``k`` largest entries of each row (which of equal entries are kept does not
+    change it): the entries above the k-th largest value t, plus t for each remaining place."""
+    t = _kth_largest(f, k)
+    above = f > t
+    return torch.where(above, f, torch.zeros((), dtype=f.dtype)).sum(dim=1) + (k - above.sum(dim=1)) * t[:, 0]
 
 
 def shape_ratio(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
@@ -149,12 +166,13 @@ class _ASH(PercentileShaping):
 
     def _shape(self, f: torch.Tensor) -> torch.Tensor:
         k = self.k_
-        vals, idx = top_k_stable(f, k)
+        keep = top_k_mask(f, k)
+        zero = torch.zeros((), dtype=f.dtype)
         if self.variant == "b":
-            vals = (f.sum(dim=1) / k)[:, None].expand_as(vals)
-        pruned = torch.zeros_like(f).scatter_(1, idx, vals)
+            return torch.where(keep, (f.sum(dim=1) / k)[:, None], zero)
+        pruned = torch.where(keep, f, zero)
         if self.variant == "s":
-            pruned = pruned * torch.exp(shape_ratio(f.sum(dim=1), vals.sum(dim=1)))[:, None]
+            pruned = pruned * torch.exp(shape_ratio(f.sum(dim=1), pruned.sum(dim=1)))[:, None]
         return pruned
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .ash import energy_through_head
-from .base import SCORES, FeatureSet, Score, check_number
+from .base import SCORES, FeatureSet, Score, check_number, mean64
 
 
 @SCORES.register("dice")
@@ -44,7 +44,7 @@ class DICE(Score):
         self.p = check_number("p", p, low=0.0, high=100.0, high_open=True, score=self.name)
 
     def _fit(self, data: FeatureSet, W, b) -> None:
-        mean = data.features.detach().to("cpu", torch.float64).mean(dim=0)
+        mean = mean64(data.features)
         contrib = mean[None, :] * W
         self.threshold_ = float(np.percentile(contrib.numpy().ravel(), self.p))
         mask = contrib > self.threshold_

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, ShapeError
-from .base import SCORES, FeatureSet, Score
+from .base import SCORES, FeatureSet, Score, mean64
 
 
 @SCORES.register("fdbd")
@@ -61,7 +61,7 @@ class FDBD(Score):
             raise DataError(f"fdbd: classes {p} and {c} have identical head weights (no decision boundary)")
         denom[~off] = 1.0
         self._denom = denom
-        self.train_mean_ = data.features.detach().to("cpu", torch.float64).mean(dim=0)
+        self.train_mean_ = mean64(data.features)
 
     def _score(self, data: FeatureSet) -> np.ndarray:
         z = data.logits.detach().to("cpu", torch.float64)

@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .base import SCORES, FeatureSet, Score, check_number
+from .base import SCORES, FeatureSet, Score, check_number, mean64
 
 
 @SCORES.register("nci")
@@ -41,7 +41,7 @@ class NCI(Score):
         self.alpha = check_number("alpha", alpha, low=0.0, score=self.name)
 
     def _fit(self, data: FeatureSet, W, b) -> None:
-        self.train_mean_ = data.features.detach().to("cpu", torch.float64).mean(dim=0)
+        self.train_mean_ = mean64(data.features)
         self._W = W
 
     def _score(self, data: FeatureSet) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .ash import PercentileShaping, shape_ratio, top_k_stable
+from .ash import PercentileShaping, shape_ratio, top_k_sum
 from .base import SCORES
 
 
@@ -39,5 +39,4 @@ class SCALE(PercentileShaping):
         super().__init__(percentile)
 
     def _shape(self, f: torch.Tensor) -> torch.Tensor:
-        vals, _ = top_k_stable(f, self.k_)
-        return f * torch.exp(shape_ratio(f.sum(dim=1), vals.sum(dim=1)))[:, None]
+        return f * torch.exp(shape_ratio(f.sum(dim=1), top_k_sum(f, self.k_)))[:, None]

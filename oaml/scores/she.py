@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .base import SCORES, FeatureSet, Score, check_choice
+from .base import SCORES, FeatureSet, Score, check_choice, class_sums64
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,10 @@ class SHE(Score):
         self.metric = check_choice("metric", metric, ("inner_product", "euclidean", "cosine"), self.name)
 
     def _fit(self, data: FeatureSet, W, b) -> None:
-        f = data.features.detach().to("cpu", torch.float64)
+        f = data.features.detach().cpu()
         y = data.labels.detach().cpu().long()
         pred = data.logits.detach().cpu().argmax(dim=1)
-        C, D = data.num_classes, data.feature_dim
+        C = data.num_classes
         correct = pred == y
         n_all = torch.bincount(y, minlength=C)
         missing = torch.nonzero(n_all == 0).flatten().tolist()
@@ -59,13 +59,12 @@ class SHE(Score):
                 f"she: no train sample of class(es) {missing[:10]}{'...' if len(missing) > 10 else ''}; "
                 "every class needs a stored pattern (fit on the full ID train split)"
             )
-        yc = y[correct]
-        n_ok = torch.bincount(yc, minlength=C)
-        patterns = torch.zeros(C, D, dtype=torch.float64).index_add_(0, yc, f[correct])
+        n_ok = torch.bincount(y[correct], minlength=C)
+        patterns = class_sums64(f, y, C, keep=correct)
         patterns = patterns / n_ok.clamp_min(1).to(torch.float64)[:, None]
         fallback = torch.nonzero(n_ok == 0).flatten()
         if len(fallback):
-            sums = torch.zeros(C, D, dtype=torch.float64).index_add_(0, y, f)
+            sums = class_sums64(f, y, C)
             patterns[fallback] = sums[fallback] / n_all[fallback].to(torch.float64)[:, None]
             log.warning(
                 "she: class(es) %s have no correctly classified train sample; their pattern is the "
