@@ -753,8 +753,12 @@ def their_model_detector(name, model, C, seed, tr_loader):
         d = pd.VRA(backbone=backbone, head=head, lower_percentile=0.01, upper_percentile=0.99)
         return (lambda: d.fit(tr_loader)), d.predict, False
     if name == "grad_uncertainty":
-        d = pd.GradUncertainty(model)
-        return (lambda: None), d.predict, True
+        # pytorch-ood 0.4.0's GradUncertainty leaves functorch-wrapped parameters on a model that registers
+        # a module twice (SmallCNN's fc, also in pool_fc): from the 4th batch on torch fails with "wrapper ==
+        # nullptr INTERNAL ASSERT". Each batch gets a fresh copy of the model (its cost is in their time).
+        import copy
+
+        return (lambda: None), (lambda x: pd.GradUncertainty(copy.deepcopy(model)).predict(x)), True
     if name == "nac":
         d = pd.NACUE(model, layers=list(model.blocks))
         return (lambda: d.fit(tr_loader)), d.predict, True
