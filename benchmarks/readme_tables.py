@@ -60,8 +60,9 @@ def _load_note(meta: Dict[str, Any], before: str, after: str) -> str:
 def scores_section(d: Dict[str, Any]) -> List[str]:
     meta, rows, floors = d["meta"], d["rows"], d.get("floors") or {}
     out = [
-        f"**Scores** (`benchmarks/scores.py --threads 2`, `benchmarks/results/scores.json`, {meta.get('date', '')}"
-        f"{_load_note(meta, 'loadavg_before', 'loadavg_after')}): fit + score seconds on seeded features "
+        f"**Scores** (`benchmarks/scores.py --threads 2`, `benchmarks/results/scores.json`, "
+        f"{', '.join(x for x in (meta.get('date'), _load_note(meta, 'loadavg_before', 'loadavg_after')) if x)}): "
+        f"fit + score seconds on seeded features "
         f"({meta['n_train']:,} x {meta['dim']} train, {meta['n_val']:,} val, {meta['n_test']:,} test), "
         "each side on the same tensors; a ratio is the peer's time over ours (> 1: we are faster).",
         "",
@@ -179,7 +180,8 @@ def training_section(step: Optional[Dict[str, Any]], speed: Optional[Dict[str, A
         out += ["", f"bfloat16 vs float32 on trained students (`benchmarks/amp_quality.py`, `benchmarks/results/amp_quality.json`: "
                 f"vanilla, {st['train_limit']:,} images, {st['epochs']} epochs, seeds {st['seeds']}, paired by seed, "
                 f"bfloat16 - float32, mean [95% t-interval]): ID test accuracy {f(p['id_accuracy'])}, {sc}; "
-                f"an epoch {amp['epoch_speedup_bf16']['mean']:.2f}x faster."]
+                f"an epoch {amp['epoch_speedup_bf16']['mean']:.2f}x faster ({amp['machine'].split(', ')[-1]}, load average "
+                f"{amp['loadavg_1min_at_start']:.2f} at the start)."]
     return out
 
 
