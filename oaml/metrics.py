@@ -101,12 +101,13 @@ def ood_metrics(
 
     s = np.concatenate([s_id, s_ood])
     is_id = np.concatenate([np.ones(n_id, dtype=np.int64), np.zeros(n_ood, dtype=np.int64)])
-    order = np.argsort(s, kind="stable")  # the one sort; ascending
+    # the one sort; ascending. Not stable: only the last index of each group of equal scores and the
+    # ID count up to it are read, which do not depend on the order inside a group.
+    order = np.argsort(s)
     s_sorted = s[order]
     y_sorted = is_id[order]
     # last index of every group of equal scores (distinct thresholds u_0 < u_1 < ... < u_{m-1})
-    ends = np.flatnonzero(np.diff(s_sorted)).tolist()
-    ends = np.asarray(ends + [s.size - 1], dtype=np.int64)
+    ends = np.append(np.flatnonzero(np.diff(s_sorted)), s.size - 1).astype(np.int64)
     cum_id = np.cumsum(y_sorted)
     id_le = cum_id[ends].astype(np.float64)  # #ID with score <= u_k
     ood_le = (ends + 1 - cum_id[ends]).astype(np.float64)  # #OOD with score <= u_k
