@@ -84,12 +84,14 @@ def main() -> int:
                   f"test {row['id_accuracy']:.2f}, " + ", ".join(f"{s} {v['auroc']:.2f}" for s, v in row["scores"].items()), flush=True)
 
     f32, b16 = runs["float32"], runs["bfloat16"]
-    pick = lambda rows, f: [f(r) for r in rows]  # noqa: E731
+
+    def diff(get):  # bfloat16 - float32 of one figure, paired by seed
+        return paired_difference([get(r) for r in b16], [get(r) for r in f32])
+
     paired = {
-        "id_accuracy": paired_difference(pick(b16, lambda r: r["id_accuracy"]), pick(f32, lambda r: r["id_accuracy"])),
-        "best_val_accuracy": paired_difference(pick(b16, lambda r: r["best_val_accuracy"]), pick(f32, lambda r: r["best_val_accuracy"])),
-        "scores": {s: {m: paired_difference(pick(b16, lambda r: r["scores"][s][m]), pick(f32, lambda r: r["scores"][s][m]))
-                       for m in ("auroc", "fpr95")} for s in args.scores},
+        "id_accuracy": diff(lambda r: r["id_accuracy"]),
+        "best_val_accuracy": diff(lambda r: r["best_val_accuracy"]),
+        "scores": {s: {m: diff(lambda r, s=s, m=m: r["scores"][s][m]) for m in ("auroc", "fpr95")} for s in args.scores},
     }
     speed = [a["seconds_per_epoch"] / b["seconds_per_epoch"] for a, b in zip(f32, b16)]
     out = {

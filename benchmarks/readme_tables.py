@@ -26,9 +26,19 @@ from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-START, END = "<!-- perf:start -->", "<!-- perf:end -->"
-# the scores the issue names with a goal: (score, goal in words, test on a row and the floors)
+# the scores the performance issue names with a goal (their rows and goals: scores_section)
 NAMED = ("mds", "vim", "react", "knn")
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def _block(name: str, parts: List[List[str]]) -> str:
+    """A README block: its markers around the parts (lists of lines), a blank line between parts."""
+    start, end = _markers(name)
+    body = "\n\n".join("\n".join(p) for p in parts)
+    return f"{start}\n{body}\n{end}"
 
 
 def _load(name: str) -> Optional[Dict[str, Any]]:
@@ -284,8 +294,7 @@ def render_paired() -> str:
     d = _load("fmnist.json")
     if d:
         parts.append(ood_val_section("fmnist", d, dict(BENCHES)["fmnist"]))
-    body = "\n\n".join("\n".join(p) for p in parts)
-    return f"<!-- paired:start -->\n{body}\n<!-- paired:end -->"
+    return _block("paired", parts)
 
 
 # ------------------------------------------------------------------------------------ README
@@ -311,8 +320,7 @@ def render_perf() -> str:
         parts.append(eval_section(ev))
     if missing:
         parts.append([f"Not measured yet: {', '.join(missing)}."])
-    body = "\n\n".join("\n".join(p) for p in parts)
-    return f"{START}\n{body}\n{END}"
+    return _block("perf", parts)
 
 
 BLOCKS = {"paired": render_paired, "perf": render_perf}
@@ -320,7 +328,7 @@ BLOCKS = {"paired": render_paired, "perf": render_perf}
 
 def block_of(text: str, name: str) -> str:
     """The ``name`` block of a README text, markers included (ValueError if it has none)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    start, end = _markers(name)
     if start not in text or end not in text:
         raise ValueError(f"README.md has no {start} ... {end} block: add the two markers where the section goes")
     return text[text.index(start): text.index(end) + len(end)]

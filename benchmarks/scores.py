@@ -792,6 +792,11 @@ def _timed_model(fit, predict, loader, budget, grad):
     return t_fit + t_pred, -out.double().numpy(), False
 
 
+def _secs(v) -> str:
+    """Seconds for the printed lines; '-' for a figure not measured (e.g. no faiss)."""
+    return "-" if v is None else f"{v:.3f}"
+
+
 def _best(fn, n=3) -> float:
     best = float("inf")
     for _ in range(n):
@@ -969,15 +974,13 @@ def main(argv=None):
             print_row(row)
         if "mds" in args.scores or "knn" in args.scores:
             floors[str(C)] = fl = time_floors(C, head, tr, va, te)
-            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-            print(f"floors C={C}: MDS GEMMs {fmt(fl['mds_gemm_s'])} s, one faiss flat search (K={fl['K']}) "
-                  f"{fmt(fl['knn_faiss_search_s'])} s, our knn with backend=faiss {fmt(fl['knn_faiss_backend_s'])} s", flush=True)
+            print(f"floors C={C}: MDS GEMMs {_secs(fl['mds_gemm_s'])} s, one faiss flat search (K={fl['K']}) "
+                  f"{_secs(fl['knn_faiss_search_s'])} s, our knn with backend=faiss {_secs(fl['knn_faiss_backend_s'])} s", flush=True)
     metrics = None
     if args.metrics_n:
         metrics = time_metrics(args.metrics_n, args.seed, not args.no_theirs)
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"metrics of {args.metrics_n} scores: ours {fmt(metrics['ours_s'])} s, pytorch-ood {fmt(metrics.get('theirs_s'))} s, "
-              f"OpenOOD {fmt(metrics.get('openood_s'))} s, torch.sort {fmt(metrics['sort_s'])} s", flush=True)
+        print(f"metrics of {args.metrics_n} scores: ours {_secs(metrics['ours_s'])} s, pytorch-ood {_secs(metrics.get('theirs_s'))} s, "
+              f"OpenOOD {_secs(metrics.get('openood_s'))} s, torch.sort {_secs(metrics['sort_s'])} s", flush=True)
     for C in args.classes if args.model_scores else []:
         for row in run_model_scores(C, args.model_train, args.model_test, args.seed, args.their_budget,
                                     not args.no_theirs, args.model_scores):

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _perf_table():
+def _readme_tables():
     spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -21,14 +21,14 @@ def _perf_table():
 
 @pytest.mark.parametrize("name", ["paired", "perf"])
 def test_readme_blocks_equal_the_rendered_json(name):
-    pt = _perf_table()
+    pt = _readme_tables()
     readme = (ROOT / "README.md").read_text()
     assert pt.block_of(readme, name) == pt.BLOCKS[name](), "run: .venv/bin/python benchmarks/readme_tables.py --write"
 
 
 def test_rendered_rows_follow_the_json(tmp_path, monkeypatch):
     """A known scores.json gives the known ratios and goal outcomes."""
-    pt = _perf_table()
+    pt = _readme_tables()
     rows = [
         {"score": "mds", "classes": 10, "ours_s": 0.2, "theirs_s": 1.0, "openood_s": 2.0},
         {"score": "vim", "classes": 10, "ours_s": 0.5, "theirs_s": 0.4, "openood_s": 0.8},

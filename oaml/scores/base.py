@@ -532,4 +532,3 @@ def check_rcond(rcond: Any, score: str) -> float | None:
     if rcond is None:
         return None
     return check_number("rcond", rcond, low=0.0, high=1.0, high_open=True, score=score)
-
