@@ -16,6 +16,8 @@ settings (Fashion-MNIST, quarter-width ResNet-18, batch 128) and timed on the SA
   oaml-live           the same with the teacher run on the ID batch every step
   oaml-paper-cached   the paper's loss (CE + logit/feature KD + MI to C-OOD and D-OOD), cached teacher
   oaml-paper-live     the same with the teacher run every step
+  oaml-cached-rR      oaml-cached with R outlier images per ID image (image_outliers.ratio; oaml's is 0.5),
+                      e.g. oaml-cached-r0.25: 32 outlier images per 128 ID images
 The image outliers never need a live teacher: the teacher embeds and scores them once, when the
 set is built (``oaml.outliers.images``); that one-off cost (for the demo's 20,000 candidates) is
 reported as ``image_outlier_set_s``.
@@ -160,9 +162,9 @@ def main() -> int:
     args = ap.parse_args()
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    bad = [c for c in contenders if c not in CONTENDERS]
+    bad = [c for c in contenders if c not in CONTENDERS and not re.fullmatch(r"oaml-cached-r\d*\.?\d+", c)]
     if bad or not contenders:
-        raise SystemExit(f"--contenders: unknown {bad}; choose from {', '.join(CONTENDERS)}")
+        raise SystemExit(f"--contenders: unknown {bad}; choose from {', '.join(CONTENDERS)} or oaml-cached-rR (R: outlier ratio)")
 
     from oaml.models.teachers import TeacherConfig, load_teacher, load_teacher_checkpoint
     from oaml.pipeline import PipelineConfig, _train_config, StudentRunConfig
@@ -218,6 +220,11 @@ def main() -> int:
         "oaml-paper-cached": (_train_config(demo, runs["oaml-paper"], None, "-", banks, 0), True),
         "oaml-paper-live": (_train_config(demo, runs["oaml-paper"], None, "-", banks, 0), False),
     }
+    for name in contenders:
+        if name.startswith("oaml-cached-r"):
+            run = StudentRunConfig(optim=demo.oaml.optim, method=MethodConfig(
+                name="oaml", warmup_steps=0, terms={"image_outliers": {"ratio": float(name[len("oaml-cached-r"):])}}))
+            configs[name] = (_train_config(demo, run, None, "-", banks, 0), True)
     teacher_cache = tmp / "teacher-cache"  # the cached contenders of later variants reuse the teacher's outputs
     results: dict = {"variants": {}}
     batches: dict = {}
