@@ -22,7 +22,9 @@ The report leads with paired per-seed differences of every run to ``delta_vs`` (
 same seed, same starting checkpoint) with 95% t-intervals, then mean +- std per run over the OOD
 sets the benchmark's OE pool does not share a source with (``oe_disjoint``), beside those it does
 (``oe_overlap``), all, near and far; ``shared/eval/teacher/results.json``, when present, adds the
-teacher as a one-seed ceiling row.
+teacher as a one-seed ceiling row. ``contrasts: [[a, b], ...]`` adds the same paired statistics for
+a - b between two runs (a candidate setting against the current default, say), on the test sets
+and on OOD-val.
 
 A (method, seed) whose evaluation is complete is not run again, so an interrupted grid, or one
 extended with methods or seeds, reruns only what is missing. A run folder trained with another
@@ -36,7 +38,7 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import yaml
@@ -68,6 +70,9 @@ class BenchConfig(StrictModel):
     methods: Dict[str, BenchRun] = {}  # the grid besides `vanilla` (always run: it is every other run's start)
     main_scores: List[str] = ["ebo", "gen", "knn"]
     delta_vs: Optional[str] = "vanilla-cont"  # reference run of the paired per-seed differences (null: none)
+    # further paired comparisons [a, b]: per-seed differences a - b between two runs of the grid
+    # (e.g. a candidate setting against the current default), with the same statistics
+    contrasts: List[Tuple[str, str]] = []
     notes: List[str] = []  # the choices to state in the report (width, epochs, training-set size, ...)
 
     @model_validator(mode="after")
@@ -81,6 +86,11 @@ class BenchConfig(StrictModel):
             raise ConfigError(f"main_scores {missing} are not in pipeline.eval.scores {self.pipeline.eval.scores}")
         if self.delta_vs is not None and self.delta_vs not in {"vanilla", *self.methods}:
             raise ConfigError(f"delta_vs {self.delta_vs!r} is not a run of the grid (vanilla, {', '.join(self.methods)}); name one, or set delta_vs: null")
+        for a, b in self.contrasts:
+            bad = [x for x in (a, b) if x not in {"vanilla", *self.methods}]
+            if bad or a == b:
+                raise ConfigError(f"contrasts entry [{a}, {b}]: " + (f"{bad} not a run of the grid (vanilla, {', '.join(self.methods)})"
+                                                                     if bad else "compares a run with itself"))
         return self
 
     @classmethod
@@ -183,30 +193,31 @@ def _split_by_oe(refs) -> Dict[str, List[str]]:
     return {g: names for g, names in groups.items() if names}
 
 
-def _paired(found: Dict[str, Dict[int, Dict[str, Any]]], ref: str) -> Dict[str, Any]:
-    """Per method besides ``ref``: paired differences to ``ref`` on the seeds both finished, of ID
-    accuracy and of every score's group metrics."""
-    base = {seed: v["eval"] for seed, v in found.get(ref, {}).items()}
-    out: Dict[str, Any] = {}
-    for name, per_seed in found.items():
-        if name == ref:
-            continue
-        pairs = [(per_seed[s]["eval"], base[s]) for s in sorted(set(per_seed) & set(base))]
+def _pair(runs_a: Dict[int, Dict[str, Any]], runs_b: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
+    """Paired differences a - b on the seeds both runs finished: ID accuracy, every score's group
+    metrics and (where both have them) the OOD-val metrics."""
+    pairs = [(runs_a[s]["eval"], runs_b[s]["eval"]) for s in sorted(set(runs_a) & set(runs_b))]
 
-        def diff(get) -> Dict[str, Any]:
-            return paired_difference([get(a) for a, _ in pairs], [get(b) for _, b in pairs])
+    def diff(get) -> Dict[str, Any]:
+        return paired_difference([get(a) for a, _ in pairs], [get(b) for _, b in pairs])
 
-        a0, b0 = pairs[0] if pairs else ({"scores": {}}, {"scores": {}})
-        scores = {s: {g: {m: diff(lambda e: e["scores"][s][g][m]) for m in PAIRED_METRICS}
-                      for g in GROUPS if g in a0["scores"][s] and g in b0["scores"][s]}
-                  for s in a0["scores"] if s in b0["scores"]}
-        out[name] = {"id_accuracy": diff(lambda e: e["id_accuracy"]), "scores": scores}
-        if pairs and "ood_val" in a0 and "ood_val" in b0:  # what a method is chosen on: OOD-val, never a test set
-            va, vb = a0["ood_val"]["scores"], b0["ood_val"]["scores"]
-            out[name]["ood_val"] = {s: {g: {m: diff(lambda e: e["ood_val"]["scores"][s][g][m]) for m in PAIRED_METRICS}
-                                        for g in ("all", "oe_disjoint") if g in va[s] and g in vb[s]}
-                                    for s in va if s in vb}
+    a0, b0 = pairs[0] if pairs else ({"scores": {}}, {"scores": {}})
+    scores = {s: {g: {m: diff(lambda e: e["scores"][s][g][m]) for m in PAIRED_METRICS}
+                  for g in GROUPS if g in a0["scores"][s] and g in b0["scores"][s]}
+              for s in a0["scores"] if s in b0["scores"]}
+    out = {"id_accuracy": diff(lambda e: e["id_accuracy"]), "scores": scores}
+    if pairs and "ood_val" in a0 and "ood_val" in b0:  # what a method is chosen on: OOD-val, never a test set
+        va, vb = a0["ood_val"]["scores"], b0["ood_val"]["scores"]
+        out["ood_val"] = {s: {g: {m: diff(lambda e: e["ood_val"]["scores"][s][g][m]) for m in PAIRED_METRICS}
+                              for g in ("all", "oe_disjoint") if g in va[s] and g in vb[s]}
+                          for s in va if s in vb}
     return out
+
+
+def _paired(found: Dict[str, Dict[int, Dict[str, Any]]], ref: str) -> Dict[str, Any]:
+    """Per method besides ``ref``: paired differences to ``ref`` (:func:`_pair`)."""
+    base = found.get(ref, {})
+    return {name: _pair(per_seed, base) for name, per_seed in found.items() if name != ref}
 
 
 class Bench:
@@ -378,6 +389,8 @@ class Bench:
             agg["teacher"] = {**_aggregate_evals([self._load_eval(teacher)]), "seeds": [self.cfg.pipeline.seed]}
         if self.cfg.delta_vs is not None:
             agg["paired"] = {"delta_vs": self.cfg.delta_vs, "methods": _paired(found, self.cfg.delta_vs)}
+        if self.cfg.contrasts:
+            agg["contrasts"] = [{"a": a, "b": b, **_pair(found.get(a, {}), found.get(b, {}))} for a, b in self.cfg.contrasts]
         agg["config"] = self.cfg.model_dump(mode="json")
         return agg
 

@@ -194,3 +194,27 @@ def test_every_score_table_marks_each_methods_best_score(fake_out):
     assert set(rows) == {"EBO", "KNN"}
     # knn's AUROC is ebo's + 5 for every method and seed: KNN is each method's best score
     assert rows["KNN"].count("**") == 2 * 2 and "**" not in rows["EBO"]
+
+
+def test_contrasts_between_two_runs(fake_out):
+    """contrasts: [a, b] gives the paired a - b statistics; here logitnorm - vanilla-cont must equal
+    the delta_vs block, and the reversed contrast its negation (known inputs, known interval)."""
+    with pytest.raises(ConfigError, match=r"contrasts entry \[logitnorm, nope\]"):
+        _cfg(contrasts=[["logitnorm", "nope"]])
+    with pytest.raises(ConfigError, match="compares a run with itself"):
+        _cfg(contrasts=[["logitnorm", "logitnorm"]])
+    res = Bench(_cfg(contrasts=[["logitnorm", "vanilla-cont"], ["vanilla-cont", "logitnorm"]]), fake_out).report()
+    agg = res["results"]
+    fwd, back = agg["contrasts"]
+    assert (fwd["a"], fwd["b"]) == ("logitnorm", "vanilla-cont")
+    assert fwd["scores"] == agg["paired"]["methods"]["logitnorm"]["scores"]
+    half = 4.302653 / math.sqrt(3)
+    d = back["scores"]["knn"]["all"]["auroc"]
+    w = GROUP_WEIGHT["all"]
+    assert d["mean"] == pytest.approx(-2.0 * w) and d["ci95"] == pytest.approx([-w * (2.0 + half), -w * (2.0 - half)], abs=1e-4)
+    assert back["id_accuracy"]["mean"] == pytest.approx(-0.6) and back["id_accuracy"]["excludes_zero"] is True
+    md = res["report"]
+    table = md[md.index("## Contrasts: paired differences a − b"):].split("\n\n")[1]
+    assert "| logitnorm − vanilla-cont | 3 | **+0.60 [" in table and "| vanilla-cont − logitnorm | 3 | **-0.60 [" in table
+    assert md.index("## Paired differences") < md.index("## Contrasts") < md.index("## Summary")
+    assert "contrasts" not in Bench(_cfg(), fake_out).aggregate()

@@ -252,21 +252,40 @@ def _delta(d: Optional[Dict[str, Any]]) -> str:
     return f"**{cell}**" if d["excludes_zero"] else cell
 
 
-def _paired_table(ref: str, paired: Dict[str, Any], main_scores: Sequence[str], groups: Sequence[str]) -> List[str]:
-    """One row per method with a paired seed: ID accuracy and each score's AUROC / FPR@95 differences to ``ref``."""
+def _paired_table(ref: str, paired: Dict[str, Any], main_scores: Sequence[str], groups: Sequence[str],
+                  title: Optional[str] = None) -> List[str]:
+    """One row per method with a paired seed: ID accuracy and each score's AUROC / FPR@95 differences to
+    ``ref`` (``title``: another heading, for rows that are already differences a − b)."""
     cols = [(s, g, m) for s in main_scores for g in groups for m in ("auroc", "fpr95")]
     label = {"auroc": "ΔAUROC ↑", "fpr95": "ΔFPR@95 ↓"}
-    lines = [f"## Paired differences to `{ref}` (same seed)", "",
+    lines = [title or f"## Paired differences to `{ref}` (same seed)", "",
              "| method | n | ID acc Δ ↑ | " + " | ".join(f"{s.upper()} {label[m]} ({GROUP_TITLES[g]})" for s, g, m in cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for name, m in paired.items():
         cells = [name, str(m["id_accuracy"]["n"]), _delta(m["id_accuracy"])]
         cells += [_delta(m["scores"].get(s, {}).get(g, {}).get(k)) for s, g, k in cols]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Paired per-seed differences, method − `{ref}`, in percentage points: each seed's run against `{ref}` of the same "
-              "seed (same seed, so the same starting vanilla checkpoint for `init: vanilla` runs); mean [95% Student-t interval "
-              "over the n seeds both finished]. **Bold**: the interval excludes 0; otherwise the difference is noise at this "
-              "number of seeds. n=1 has no interval."]
+    if title is None:
+        lines += ["", f"Paired per-seed differences, method − `{ref}`, in percentage points: each seed's run against `{ref}` of the same "
+                  "seed (same seed, so the same starting vanilla checkpoint for `init: vanilla` runs); mean [95% Student-t interval "
+                  "over the n seeds both finished]. **Bold**: the interval excludes 0; otherwise the difference is noise at this "
+                  "number of seeds. n=1 has no interval."]
+    return lines
+
+
+def _ood_val_paired_table(title: str, paired: Dict[str, Any], main_scores: Sequence[str]) -> List[str]:
+    """Paired OOD-val differences (all OOD-val sets and the OE-disjoint ones) of the rows that have them."""
+    val = {n: m["ood_val"] for n, m in paired.items() if m.get("ood_val")}
+    if not val:
+        return []
+    groups = [g for g in ("all", "oe_disjoint") if any(g in v.get(s, {}) for v in val.values() for s in main_scores)]
+    cols = [(s, g, k) for s in main_scores for g in groups for k in ("auroc", "fpr95")]
+    label = {"auroc": "ΔAUROC ↑", "fpr95": "ΔFPR@95 ↓"}
+    names = {"all": "all OOD-val sets", "oe_disjoint": "OE-disjoint OOD-val sets"}
+    lines = ["", title, "", "| method | n | " + " | ".join(f"{s.upper()} {label[k]} ({names[g]})" for s, g, k in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for n, v in val.items():
+        lines.append("| " + " | ".join([n, str(paired[n]["id_accuracy"]["n"])] + [_delta(v.get(s, {}).get(g, {}).get(k)) for s, g, k in cols]) + " |")
     return lines
 
 
@@ -288,6 +307,11 @@ def bench_markdown(agg: Dict[str, Any], main_scores: Sequence[str], notes: Seque
     paired = {n: m for n, m in agg.get("paired", {}).get("methods", {}).items() if m["id_accuracy"]["n"]}
     if paired:
         lines += _paired_table(agg["paired"]["delta_vs"], paired, main_scores, [g for g in ("oe_disjoint", "all") if g == "all" or g in oe]) + [""]
+    contrasts = {f"{c['a']} − {c['b']}": c for c in agg.get("contrasts", []) if c["id_accuracy"]["n"]}
+    if contrasts:
+        lines += _paired_table("", contrasts, main_scores, [g for g in ("oe_disjoint", "all") if g == "all" or g in oe],
+                               title="## Contrasts: paired differences a − b between two runs (same seed)")
+        lines += _ood_val_paired_table("### Contrasts on OOD-val (what a setting is chosen on)", contrasts, main_scores) + [""]
     rows = dict(methods)
     if "teacher" in agg:
         rows["teacher (ceiling, n=1)"] = agg["teacher"]
@@ -321,18 +345,8 @@ def bench_markdown(agg: Dict[str, Any], main_scores: Sequence[str], notes: Seque
             ranked = sorted(((m["ood_val"][s]["auroc"]["mean"], n) for n, m in methods.items() if "ood_val" in m and s in m["ood_val"]), reverse=True)
             if ranked:
                 lines.append(f"\nBest on OOD-val by {s.upper()} AUROC: **{ranked[0][1]}** ({ranked[0][0]:.2f}).")
-        val_paired = {n: m["ood_val"] for n, m in paired.items() if m.get("ood_val")}
-        if val_paired:
-            groups_v = [g for g in ("all", "oe_disjoint") if any(g in v.get(s, {}) for v in val_paired.values() for s in main_scores)]
-            cols = [(s, g, k) for s in main_scores for g in groups_v for k in ("auroc", "fpr95")]
-            label = {"auroc": "ΔAUROC ↑", "fpr95": "ΔFPR@95 ↓"}
-            title = {"all": "all OOD-val sets", "oe_disjoint": "OE-disjoint OOD-val sets"}
-            lines += ["", f"### Paired differences to `{agg['paired']['delta_vs']}` on OOD-val (what a method is chosen on)", "",
-                      "| method | n | " + " | ".join(f"{s.upper()} {label[k]} ({title[g]})" for s, g, k in cols) + " |",
-                      "|---|---|" + "---|" * len(cols)]
-            for n, v in val_paired.items():
-                cells = [n, str(paired[n]["id_accuracy"]["n"])] + [_delta(v.get(s, {}).get(g, {}).get(k)) for s, g, k in cols]
-                lines.append("| " + " | ".join(cells) + " |")
+        lines += _ood_val_paired_table(f"### Paired differences to `{agg['paired']['delta_vs']}` on OOD-val (what a method is chosen on)",
+                                       paired, main_scores)
     for s in main_scores:
         first = next((m["scores"][s] for m in methods.values() if s in m["scores"]), None)
         if first is None:
