@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 from typing import Iterator, Sequence, Tuple
 
 from .. import __version__
@@ -44,6 +47,30 @@ def iter_parsers(parser: argparse.ArgumentParser | None = None, path: Tuple[str,
                 yield from iter_parsers(sub, path + (name,))
 
 
+class Terminated(BaseException):
+    """SIGTERM raised as an exception (not an Exception: nothing catches it by accident), so that the
+    command unwinds like on Ctrl-C: staging folders are removed, locks released, finished work kept."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread (where signals are
+    delivered) instead of killing the process on the spot; a handler someone else installed is left
+    alone, and the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -59,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with sigterm_unwinds():
+            return int(args.func(args) or 0)
     except OamlError as exc:
         print(f"oaml {args.command}: error: {exc}", file=sys.stderr)
         return 1
@@ -81,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"oaml {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"oaml {args.command}: terminated (SIGTERM); finished stages are kept, rerun to continue", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":  # pragma: no cover
