@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-import torch
 
-from .ash import energy_through_head
+from .ash import chunk_rows, energy_through_head
 from .base import SCORES, FeatureSet, Score, check_number, mean64
 
 
@@ -44,7 +43,7 @@ class DICE(Score):
         self.p = check_number("p", p, low=0.0, high=100.0, high_open=True, score=self.name)
 
     def _fit(self, data: FeatureSet, W, b) -> None:
-        mean = mean64(data.features)
+        mean = mean64(data.features, chunk=chunk_rows(data.feature_dim))
         contrib = mean[None, :] * W
         self.threshold_ = float(np.percentile(contrib.numpy().ravel(), self.p))
         mask = contrib > self.threshold_
@@ -54,5 +53,4 @@ class DICE(Score):
         self._b = b
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        f = data.features.detach().to("cpu", torch.float64)
-        return energy_through_head(f, self._W, self._b).numpy()
+        return energy_through_head(data.features.detach(), self._W, self._b).numpy()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, ShapeError
+from .ash import chunk_rows, row_chunks
 from .base import SCORES, FeatureSet, Score, mean64
 
 
@@ -61,12 +62,22 @@ class FDBD(Score):
             raise DataError(f"fdbd: classes {p} and {c} have identical head weights (no decision boundary)")
         denom[~off] = 1.0
         self._denom = denom
-        self.train_mean_ = mean64(data.features)
+        self.train_mean_ = mean64(data.features, chunk=chunk_rows(data.feature_dim))
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        z = data.logits.detach().to("cpu", torch.float64)
-        f = data.features.detach().to("cpu", torch.float64)
-        zmax, pred = z.max(dim=1)
-        dist = ((zmax[:, None] - z) / self._denom[pred]).sum(dim=1) / (z.shape[1] - 1)
-        ref = f - self.train_mean_ if self.distance_as_normalizer else f
-        return (dist / ref.norm(dim=1).clamp_min(1e-12)).numpy()
+        Z, X = data.logits.detach(), data.features.detach()
+        n, C = Z.shape
+        width = max(X.shape[1], C)
+        out = torch.empty(n, dtype=torch.float64)
+        # float64 temporaries of one row chunk at a time, the features' upcast into a reused buffer
+        buf = torch.empty(min(chunk_rows(width), n), X.shape[1], dtype=torch.float64)
+        for sl in row_chunks(n, width):
+            z = Z[sl].to(torch.float64, copy=True)  # a copy: changed in place below
+            zmax, pred = z.max(dim=1)
+            dist = z.neg_().add_(zmax[:, None]).div_(self._denom[pred]).sum(dim=1) / (C - 1)
+            ref = buf[: z.shape[0]]
+            ref.copy_(X[sl])
+            if self.distance_as_normalizer:
+                ref.sub_(self.train_mean_)
+            out[sl] = dist / torch.linalg.vector_norm(ref, dim=1).clamp_min(1e-12)
+        return out.numpy()

@@ -5,18 +5,36 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import SCORES, FeatureSet, Score, check_number
+from .base import SCORES, FeatureSet, Score, check_number, exp_shifted, log_, row_sums
+
+#: rows per chunk of :func:`lts_factor` (a 512-wide chunk: 1 MiB of float64)
+LTS_CHUNK = 256
 
 
 def lts_factor(features: torch.Tensor, p: float) -> torch.Tensor:
     r"""LTS's scaling factor :math:`S(z) = (\sum_i z^+_i / \sum_{i \in \mathrm{top}k} z^+_i)^2`
     of pooled features (N, D), float64, with :math:`k = \max(1, D - \mathrm{round}((1-p) D))`;
-    1 for a sample with no positive activation (0/0)."""
-    z = features.detach().to(torch.float64).clamp_min(0.0)
-    n = z.shape[1]
-    k = max(1, n - round(n * (1.0 - p)))
-    s1 = z.sum(dim=1)
-    s2 = z.topk(k, dim=1, sorted=False).values.sum(dim=1)
+    1 for a sample with no positive activation (0/0).
+
+    Both sums are exact float64 sums of the features' own values: the top k are found by
+    ``numpy.partition`` in the features' dtype (float32 for float16/bfloat16, both exact; the
+    ReLU commutes with taking the top k), in row chunks, without a float64 copy of the features.
+    """
+    z = features.detach().cpu()
+    if z.dtype not in (torch.float32, torch.float64):
+        z = z.to(torch.float32)
+    n, d = z.shape
+    k = max(1, d - round(d * (1.0 - p)))
+    s1 = torch.empty(n, dtype=torch.float64)
+    s2 = torch.empty(n, dtype=torch.float64)
+    buf = torch.empty(min(n, LTS_CHUNK), d, dtype=torch.float64)
+    zn = z.numpy()
+    for i in range(0, n, LTS_CHUNK):
+        zc = z[i : i + LTS_CHUNK]
+        b = buf[: zc.shape[0]]
+        torch.sum(b.copy_(zc).clamp_min_(0.0), dim=1, out=s1[i : i + LTS_CHUNK])
+        top = torch.from_numpy(np.partition(zn[i : i + LTS_CHUNK], d - k, axis=1)[:, d - k :])
+        row_sums(top.to(torch.float64).clamp_min_(0.0), out=s2[i : i + LTS_CHUNK])
     ratio = torch.where(s2 > 0, s1 / torch.where(s2 > 0, s2, torch.ones_like(s2)), torch.ones_like(s2))
     return ratio.square()
 
@@ -44,6 +62,9 @@ class LTS(Score):
     paper omits it). Differences: float64 here (pytorch-ood: the features' dtype); a sample
     without any positive activation has :math:`0/0` there (NaN score) and :math:`S = 1` here
     (its plain energy). pytorch-ood returns the negation (higher = OOD).
+
+    The energy is :math:`S m + \log \sum_c e^{S (z_c - m)}`, :math:`m = \max_c z_c`, from
+    :func:`~oaml.scores.base.exp_shifted` (float64, no overflow for large :math:`S z`).
     """
 
     name = "lts"
@@ -56,5 +77,7 @@ class LTS(Score):
 
     def _score(self, data: FeatureSet) -> np.ndarray:
         s = lts_factor(data.features, self.p)
-        z = data.logits.detach().to(torch.float64)
-        return torch.logsumexp(z * s[:, None], dim=1).numpy()
+        out = torch.empty(len(data), dtype=torch.float64)
+        for rows, m, e in exp_shifted(data.logits, scale=s):
+            log_(row_sums(e, out=out[rows])).addcmul_(m, s[rows])
+        return out.numpy()

@@ -25,4 +25,5 @@ class MLS(Score):
         super().__init__()
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        return data.logits.to(torch.float64).max(dim=1).values.numpy()
+        # the max in the logits' own dtype is one of them, so exact in float64 (amax: no indices)
+        return data.logits.detach().amax(dim=1).to(torch.float64).numpy()

@@ -7,6 +7,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from .ash import chunk_rows, row_chunks
 from .base import SCORES, FeatureSet, Score, check_number, mean64
 
 
@@ -41,13 +42,24 @@ class NCI(Score):
         self.alpha = check_number("alpha", alpha, low=0.0, score=self.name)
 
     def _fit(self, data: FeatureSet, W, b) -> None:
-        self.train_mean_ = mean64(data.features)
+        self.train_mean_ = mean64(data.features, chunk=chunk_rows(data.feature_dim))
         self._W = W
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        f = data.features.detach().to("cpu", torch.float64)
-        pred = data.logits.detach().cpu().argmax(dim=1)
-        c = f - self.train_mean_
-        norm = c.norm(dim=1)
-        align = (self._W[pred] * c).sum(dim=1) / torch.where(norm > 0, norm, torch.ones_like(norm))
-        return (align + self.alpha * f.abs().sum(dim=1)).numpy()
+        X = data.features.detach()
+        pred = data.logits.detach().argmax(dim=1)
+        n, D = X.shape
+        out = torch.empty(n, dtype=torch.float64)
+        # float64 in row chunks, the upcast into a reused buffer then centred in place (in cache)
+        buf = torch.empty(min(chunk_rows(D), n), D, dtype=torch.float64)
+        for sl in row_chunks(n, D):
+            c = buf[: sl.stop - sl.start]
+            c.copy_(X[sl])
+            l1 = c.abs().sum(dim=1) if self.alpha else None
+            c.sub_(self.train_mean_)
+            norm = torch.linalg.vector_norm(c, dim=1)
+            align = c.mul_(self._W.index_select(0, pred[sl])).sum(dim=1)
+            o = torch.div(align, torch.where(norm > 0, norm, torch.ones_like(norm)), out=out[sl])
+            if self.alpha:
+                o += self.alpha * l1
+        return out.numpy()

@@ -70,10 +70,14 @@ class NNGuide(Score):
         self.bank_size_ = int(n)
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        q_all = l2_normalise(data.features.detach().to("cpu", torch.float64))
-        energy = torch.logsumexp(data.logits.detach().to("cpu", torch.float64), dim=1)
-        guide = []
-        for i in range(0, q_all.shape[0], self.chunk_size):
-            sims = q_all[i : i + self.chunk_size] @ self._bank_t
-            guide.append(torch.topk(sims, self.K, dim=1, sorted=False).values.mean(dim=1))
-        return (torch.cat(guide) * energy).numpy()
+        X, Z = data.features.detach(), data.logits.detach()
+        K, nb = self.K, self.bank_size_
+        out = torch.empty(X.shape[0], dtype=torch.float64)
+        for i in range(0, X.shape[0], self.chunk_size):  # float64 temporaries of one chunk at a time
+            sl = slice(i, i + self.chunk_size)
+            sims = l2_normalise(X[sl].to(torch.float64)) @ self._bank_t
+            # the K largest similarities of each row: a partition (O(nb) per row), not a sort
+            top = np.partition(sims.numpy(), nb - K, axis=1)[:, nb - K :]
+            guide = torch.from_numpy(top.sum(axis=1)) / K
+            out[sl] = guide * torch.logsumexp(Z[sl].to(torch.float64), dim=1)
+        return out.numpy()

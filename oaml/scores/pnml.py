@@ -8,13 +8,17 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .base import SCORES, FeatureSet, Score, check_rcond
-from .rmd import eigh_whitener
+from .base import SCORES, FeatureSet, Score, check_rcond, exp_shifted, log_, row_sums
+from .mds import FLOAT32_MIN_WORK, float32_resolves, linear32
 
-
-def _log1mexp(a: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(a)) for a <= 0, accurate at both ends (-inf at a = 0)."""
-    return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+#: rows per chunk of the normalisation and of scoring
+PNML_CHUNK = 1024
+#: columns whose Gram entries are also summed exactly (float64) from the float64-normalised rows,
+#: to measure the error of the float32 Gram (as :func:`~oaml.scores.mds.gram32`)
+PNML_PROBE = 48
+#: rows whose projection is recomputed in float64 to measure the float32 one
+PNML_CHECK_ROWS = 256
+_U32 = 2.0**-24
 
 
 @SCORES.register("pnml")
@@ -35,20 +39,40 @@ class PNML(Score):
     are not needed, rows labelled -1 are dropped when labels are given).
 
     Computation: :math:`(X^\top X)^{+}` once, through float64 ``eigh`` (pinvh cutoff ``rcond``,
-    default D·eps) as a whitening matrix, so :math:`u^\top (X^\top X)^+ u` is a squared norm;
-    the sum is taken in log space, :math:`\log \frac{p}{p + (1-p)p^g} =
-    -\log(1 + e^{\log(1-p) + (g-1)\log p})`, from ``log_softmax``, so no probability is
-    clamped and logits ~1e4 are safe. pytorch-ood 0.4.0's ``PNML`` (same formula, fit through
+    default D·eps) as a whitening matrix, so :math:`u^\top (X^\top X)^+ u` is a squared norm.
+    Each term is :math:`1 / (1 + (1 - p_c)\, p_c^{g-1})`, with :math:`p_c = e_c/S`,
+    :math:`1 - p_c = (S - e_c)/S` and :math:`p_c^{g-1} = 2^{(g-1)\log_2 p_c}` from the shifted
+    exponentials :math:`e_c` (sum :math:`S`) of :func:`~oaml.scores.base.exp_shifted` (float64),
+    so no probability is clamped and logits ~1e4 are safe (a term whose power overflows is 0,
+    its limit). pytorch-ood 0.4.0's ``PNML`` (same formula, fit through
     ``pinv`` of the float32 D×D Gram matrix; the official code inverts it unless singular)
     clamps probabilities to [1e-12, 1 - 1e-12] (only the lower clamp acts in float32) and
     returns the regret (higher = OOD). A zero feature vector has :math:`u = 0`, hence
     :math:`g = 0` and regret 0 (its most-ID value), in all three implementations.
+
+    **Precision** (``precision_`` after fit). Fits with :math:`N D^2 <` 2^25 are float64
+    throughout. Larger fits take the Gram matrix from float32 GEMMs of the normalised rows
+    (as :func:`~oaml.scores.mds.gram32`: chunk sums in float64) and measure its error :math:`E`:
+    the entries of 48 seeded columns are also summed in float64 from the float64-normalised rows,
+    so the rounding of the rows to float32 is included (``float32_error_`` = the estimate of
+    :math:`\|E\|_2/\lambda_{max}`). Since :math:`u^\top G^+ u` changes by at most a relative
+    :math:`\|E\|_2/\lambda_{min}`, float32 is kept only if that is at most ``tolerance`` (1e-4)
+    and no eigenvalue lies within :math:`\|E\|_2` of the ``rcond`` cut
+    (:func:`~oaml.scores.mds.float32_resolves`; a singular Gram matrix always falls back);
+    otherwise the Gram matrix is recomputed in float64 (row chunks). In float32 mode the
+    whitening of the test features is one float32 GEMM, and ``PNML_CHECK_ROWS`` (256) evenly
+    spaced rows are recomputed in float64: if their projections differ by more than a relative
+    ``tolerance / 10``, all rows are done in float64. The head and everything after it are
+    float64 in both modes.
     """
 
     name = "pnml"
     fit_on = "train"
     needs_head = True
     uses = ("features",)
+
+    #: float32 Gram kept when ||E||_2 <= tolerance * lambda_min (see the docstring)
+    tolerance = 1e-4
 
     def __init__(self, rcond: float | None = None):
         super().__init__()
@@ -61,32 +85,106 @@ class PNML(Score):
     def _fit(self, data: FeatureSet, W, b) -> None:
         if data.num_classes < 2:
             raise ConfigError("pnml: the regret is normalised by log C and needs C >= 2 classes")
-        X = data.features
+        X = data.features.detach()
         if data.labels is not None:
             known = data.labels >= 0
             if not bool(known.any()):
                 raise DataError("pnml: every fit sample is labelled OOD (-1); fit on ID train features")
-            X = X[known]
-        U = self._normalise(X)
-        self.projector_ = eigh_whitener(U.T @ U, self.rcond, "normalised-feature Gram", self.name)  # (D, r)
+            if not bool(known.all()):
+                X = X[known]
+        N, D = X.shape
+        rcond = self.rcond if self.rcond is not None else D * float(np.finfo(np.float64).eps)
+        self.precision_ = "float64"
+        evals = evecs = None
+        if N * D * D >= FLOAT32_MIN_WORK:
+            G, err = self._gram32(X)
+            evals, evecs = torch.linalg.eigh(G)
+            lmax = max(float(evals.max()), 0.0)
+            self.condition_ = lmax / float(evals.min()) if float(evals.min()) > 0 else math.inf
+            self.float32_error_ = err / lmax if lmax > 0 else math.inf
+            if float32_resolves(evals, err, self.tolerance, rcond * lmax):
+                self.precision_ = "float32"
+            else:
+                evals = evecs = None
+        if evals is None:  # float64 Gram, in row chunks (no float64 copy of the features)
+            G = torch.zeros(D, D, dtype=torch.float64)
+            for i in range(0, N, PNML_CHUNK):
+                u = self._normalise(X[i : i + PNML_CHUNK])
+                G += u.T @ u
+            evals, evecs = torch.linalg.eigh(G)
+            lmin = float(evals.min())
+            self.condition_ = float(evals.max()) / lmin if lmin > 0 else math.inf
+        keep = evals > rcond * max(float(evals.max()), 0.0)
+        if not bool(keep.any()):
+            raise DataError("pnml: the normalised-feature Gram matrix is zero; the features carry no information")
+        self.projector_ = evecs[:, keep] / evals[keep].sqrt()  # (D, r), P P^T = pinv(X^T X)
         self.rank_ = int(self.projector_.shape[1])
+        self._P32t = self.projector_.T.contiguous().to(torch.float32) if self.precision_ == "float32" else None
         self._W = W
         self._b = b if b is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+
+    def _gram32(self, X: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(G, err)``: the Gram matrix (D, D) float64 of the normalised rows of ``X`` from
+        float32 GEMMs over row chunks (normalised in float64, chunk sums added in float64; for
+        D >= 256 the upper block triangle only, mirrored: exactly symmetric), in one pass with
+        the exact float64 Gram of ``PNML_PROBE`` seeded columns of the float64-normalised rows,
+        from which ``err`` estimates ||E||_2 of the error as :func:`~oaml.scores.mds.gram32`
+        does (here the rounding of the rows to float32 is part of the measured error)."""
+        N, D = X.shape
+        k = 4 if D >= 256 else 1
+        edges = [round(i * D / k) for i in range(k + 1)]
+        p = min(D, PNML_PROBE)
+        probe = torch.randperm(D, generator=torch.Generator().manual_seed(0))[:p].sort().values
+        acc = torch.zeros(D, D, dtype=torch.float64)
+        exact = torch.zeros(p, p, dtype=torch.float64)
+        for i in range(0, N, PNML_CHUNK):
+            u = self._normalise(X[i : i + PNML_CHUNK])
+            up = u[:, probe]
+            exact += up.T @ up
+            t = u.to(torch.float32).T.contiguous()  # (D, B): its row blocks are contiguous GEMM operands
+            for a in range(k):
+                s, e = edges[a], edges[a + 1]
+                acc[s:e, s:] += linear32(t[s:e], t[s:]).to(torch.float64)
+        G = acc.triu() + acc.triu(1).T
+        E_P = G[probe][:, probe] - exact
+        scale = 1.0 if p == D else 2.0 * math.sqrt(D / p)
+        # floor: float32 results carry at least one rounding of the largest entry
+        err = max(scale * float(torch.linalg.matrix_norm(E_P, ord=2)), _U32 * float(G.diagonal().max().clamp_min(0.0)))
+        return G, err
 
     def regret(self, data: FeatureSet) -> np.ndarray:
         """The pNML regret in [0, 1] (pytorch-ood's score; higher = OOD)."""
         return -self.score(data)
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        out = []
-        log_c = math.log(data.num_classes)
-        for i in range(0, len(data), 8192):
-            u = self._normalise(data.features[i : i + 8192])
-            v = u @ self.projector_
-            proj = (v * v).sum(dim=1, keepdim=True)
-            g = proj / (1.0 + proj)
-            logp = torch.log_softmax(u @ self._W.T + self._b, dim=1)
-            a = _log1mexp(logp) + (g - 1.0) * logp
-            log_terms = -torch.logaddexp(torch.zeros_like(a), a)  # log(1 / (1 + e^a))
-            out.append(-torch.logsumexp(log_terms, dim=1) / log_c)
-        return torch.cat(out).numpy()
+        X = data.features.detach()
+        n, C = len(data), data.num_classes
+        f32 = self._P32t is not None
+        proj = torch.empty(n, dtype=torch.float64)
+        logits = torch.empty(n, C, dtype=torch.float64)
+        for i in range(0, n, PNML_CHUNK):  # u = f / |f| once per row: logits (float64) and projection
+            u = self._normalise(X[i : i + PNML_CHUNK])
+            torch.addmm(self._b, u, self._W.T, out=logits[i : i + PNML_CHUNK])
+            if f32:
+                v = linear32(u.to(torch.float32), self._P32t).to(torch.float64)
+            else:
+                v = u @ self.projector_
+            torch.sum(v.square_(), dim=1, out=proj[i : i + PNML_CHUNK])
+        if f32:  # measure the float32 projections on evenly spaced rows; all in float64 if off
+            idx = torch.linspace(0, n - 1, min(n, PNML_CHECK_ROWS)).round().long().unique()
+            ref = (self._normalise(X[idx]) @ self.projector_).square_().sum(dim=1)
+            if not float(((proj[idx] - ref).abs() / ref.clamp_min(1e-300)).max()) <= self.tolerance / 10:
+                for i in range(0, n, PNML_CHUNK):
+                    v = self._normalise(X[i : i + PNML_CHUNK]) @ self.projector_
+                    torch.sum(v.square_(), dim=1, out=proj[i : i + PNML_CHUNK])
+        gm1 = (proj / (1.0 + proj)).sub_(1.0)  # g - 1 in (-1, 0]
+        out = torch.empty(n, dtype=torch.float64)
+        for rows, _, e, d2 in exp_shifted(logits, exponent=True):
+            s = row_sums(e)[:, None]
+            # p^(g-1) = 2^((g-1) log2 p), log2 p = d2 - log2 S <= 0: >= 1, may overflow to inf
+            y = d2.sub_(torch.log2(s)).mul_(gm1[rows, None]).exp2_()
+            # term_c = 1 / (1 + (1 - p_c) p_c^(g-1)) = S / (S + (S - e_c) y_c);  S - e_c >= 0,
+            # 0 only for a single max class with S = 1, where y = 1 (no 0 * inf)
+            w = e.neg_().add_(s).mul_(y).add_(s).reciprocal_()
+            out[rows] = row_sums(w).mul_(s[:, 0])
+        return log_(out).div_(-math.log(C)).numpy()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .ash import PercentileShaping, shape_ratio, top_k_sum
+from .ash import PercentileShaping, head_logits, shape_ratio, top_k_sum
 from .base import SCORES
 
 
@@ -38,5 +38,9 @@ class SCALE(PercentileShaping):
     def __init__(self, percentile: float = 85.0):
         super().__init__(percentile)
 
-    def _shape(self, f: torch.Tensor) -> torch.Tensor:
-        return f * torch.exp(shape_ratio(f.sum(dim=1), top_k_sum(f, self.k_)))[:, None]
+    def _logits(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        z = head_logits(f, self._W)
+        z *= torch.exp(shape_ratio(f.sum(dim=1), top_k_sum(x, self.k_)))[:, None]  # W (c f) = c (W f)
+        if self._b is not None:
+            z += self._b
+        return z

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .ash import chunk_rows, row_chunks
 from .base import SCORES, FeatureSet, Score, check_choice, class_sums64
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ class SHE(Score):
                 "every class needs a stored pattern (fit on the full ID train split)"
             )
         n_ok = torch.bincount(y[correct], minlength=C)
-        patterns = class_sums64(f, y, C, keep=correct)
+        # the sums of the correctly classified rows: the others go to an extra row C, dropped
+        # (no boolean-indexed copy of the train set); chunks of ~1 MiB in float64, in cache
+        patterns = class_sums64(f, torch.where(correct, y, C), C + 1, chunk=chunk_rows(f.shape[1]))[:C]
         patterns = patterns / n_ok.clamp_min(1).to(torch.float64)[:, None]
         fallback = torch.nonzero(n_ok == 0).flatten()
         if len(fallback):
@@ -74,12 +77,20 @@ class SHE(Score):
         self.fallback_classes_ = [int(c) for c in fallback]
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        f = data.features.detach().to("cpu", torch.float64)
-        S = self.patterns_[data.logits.detach().cpu().argmax(dim=1)]
-        if self.metric == "inner_product":
-            out = (f * S).sum(dim=1)
-        elif self.metric == "euclidean":
-            out = -(f - S).norm(dim=1)
-        else:
-            out = torch.nn.functional.cosine_similarity(f, S, dim=1)
+        X = data.features.detach()
+        pred = data.logits.detach().argmax(dim=1)
+        n, D = X.shape
+        out = torch.empty(n, dtype=torch.float64)
+        # float64 in row chunks (in cache), the upcast into a reused buffer
+        buf = torch.empty(min(chunk_rows(D), n), D, dtype=torch.float64)
+        for sl in row_chunks(n, D):
+            f = buf[: sl.stop - sl.start]
+            f.copy_(X[sl])
+            S = self.patterns_.index_select(0, pred[sl])  # a copy, free to change in place
+            if self.metric == "inner_product":
+                out[sl] = S.mul_(f).sum(dim=1)
+            elif self.metric == "euclidean":
+                out[sl] = -torch.linalg.vector_norm(S.sub_(f), dim=1)
+            else:
+                out[sl] = torch.nn.functional.cosine_similarity(f, S, dim=1)
         return out.numpy()

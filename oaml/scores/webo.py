@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ShapeError
-from .base import SCORES, FeatureSet, Score
+from .base import SCORES, FeatureSet, Score, energy64
 
 
 @SCORES.register("webo", "weighted_energy")
@@ -23,7 +23,8 @@ class WeightedEBO(Score):
     EBO at T=1 (oaml trains no VOS head, so a user who has one passes its weights). The number
     of weights must equal C, checked at ``score`` (ShapeError). No fit (``fit_on="none"``).
 
-    Computed as ``logsumexp(z_c + log w_c)`` over the classes with :math:`w_c > 0`, in float64:
+    Computed as ``logsumexp(z_c + log w_c)`` over the classes with :math:`w_c > 0`, in float64
+    (:func:`~oaml.scores.base.energy64` with the offsets :math:`\log w_c`, -inf for the others):
     no overflow for logits ~1e4 (pytorch-ood 0.4.0's ``WeightedEBO`` exponentiates the raw
     logits, which overflows to inf in float32 above ~88, and returns the negation, higher = OOD).
     """
@@ -31,6 +32,7 @@ class WeightedEBO(Score):
     name = "webo"
     fit_on = "none"
     uses = ("logits",)
+    checks_inline = ("logits",)
 
     def __init__(self, weights: Sequence[float] | np.ndarray | torch.Tensor | None = None):
         super().__init__()
@@ -49,12 +51,9 @@ class WeightedEBO(Score):
         self._logw = torch.where(pos, torch.log(w.clamp_min(0.0)), torch.full_like(w, -float("inf")))
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        z = data.logits.detach().to(torch.float64)
-        if self._logw is None:
-            return torch.logsumexp(z, dim=1).numpy()
-        if self._logw.numel() != z.shape[1]:
-            raise ShapeError(f"webo: {self._logw.numel()} class weights but the logits have C={z.shape[1]} classes")
-        return torch.logsumexp(z + self._logw, dim=1).numpy()
+        if self._logw is not None and self._logw.numel() != data.num_classes:
+            raise ShapeError(f"webo: {self._logw.numel()} class weights but the logits have C={data.num_classes} classes")
+        return energy64(data.logits, offset=self._logw, check=f"{self.name}.score(): logits").numpy()
 
 
 def _as_weights(weights: Any) -> torch.Tensor:
