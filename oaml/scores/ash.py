@@ -19,7 +19,7 @@ from ..errors import ConfigError, ShapeError
 from .base import SCORES, FeatureSet, Head, Score, check_finite, check_number
 
 __all__ = ["ASHP", "ASHB", "ASHS", "HeadOnlyScore", "kept_count", "top_k_mask", "top_k_sum", "shape_ratio",
-           "energy_through_head", "head_logits", "chunk_rows", "row_chunks"]
+           "energy_through_head", "head_logits", "chunk_rows", "row_chunks", "float64_chunks"]
 
 PERCENTILE_GRID = [65, 70, 75, 80, 85, 90, 95]  # OpenOOD v1.5 ash.yml / scale.yml percentile_list
 
@@ -46,6 +46,18 @@ def row_chunks(n: int, d: int) -> Iterator[slice]:
     step = chunk_rows(d)
     for i in range(0, n, step):
         yield slice(i, min(i + step, n))
+
+
+def float64_chunks(X: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, chunk)`` over :func:`row_chunks` of ``X`` (n, D): the chunk is ``X[rows]`` upcast
+    to float64 into one reused buffer (so it is overwritten by the next chunk, and free to change
+    in place)."""
+    n, D = X.shape
+    buf = torch.empty(min(chunk_rows(D), n), D, dtype=torch.float64)
+    for sl in row_chunks(n, D):
+        c = buf[: sl.stop - sl.start]
+        c.copy_(X[sl])
+        yield sl, c
 
 
 def _partition_top(f: torch.Tensor, k: int) -> np.ndarray:
@@ -109,12 +121,8 @@ def head_logits(f: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 def energy_through_head(f: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``logsumexp(f W^T + b)`` (N,) in float64 (energy with T = 1, as OpenOOD and pytorch-ood),
     ``f`` of any dtype upcast to float64 in row chunks (:func:`row_chunks`), W and b float64."""
-    n, D = f.shape
-    out = torch.empty(n, dtype=torch.float64)
-    buf = torch.empty(min(chunk_rows(D), n), D, dtype=torch.float64)
-    for sl in row_chunks(n, D):
-        x = buf[: sl.stop - sl.start]
-        x.copy_(f[sl])
+    out = torch.empty(f.shape[0], dtype=torch.float64)
+    for sl, x in float64_chunks(f):
         z = head_logits(x, W)
         if b is not None:
             z += b
@@ -192,14 +200,9 @@ class HeadOnlyScore(Score):
         # row chunks: the float64 temporaries (upcast, shaped features) stay in cache, the
         # upcast goes into one reused buffer
         X = data.features.detach()
-        n, D = X.shape
-        out = torch.empty(n, dtype=torch.float64)
-        buf = torch.empty(min(chunk_rows(D), n), D, dtype=torch.float64)
-        for sl in row_chunks(n, D):
-            x = X[sl]
-            f = buf[: x.shape[0]]
-            f.copy_(x)
-            out[sl] = torch.logsumexp(self._logits(x, f), dim=1)
+        out = torch.empty(X.shape[0], dtype=torch.float64)
+        for sl, f in float64_chunks(X):
+            out[sl] = torch.logsumexp(self._logits(X[sl], f), dim=1)
         return out.numpy()
 
 

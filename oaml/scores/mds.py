@@ -169,6 +169,16 @@ def row_sums64(X: torch.Tensor, index: torch.Tensor, K: int, exact: bool = False
     return acc
 
 
+def float32_verdict(evals: torch.Tensor, err: float, tol: float, rcond: float) -> tuple[bool, float, float]:
+    """For the eigenvalues of a float32-computed symmetric matrix known to within ``err``: whether
+    float32 resolves them (:func:`float32_resolves` with the cut ``rcond`` x the largest), the
+    condition number and the error relative to the largest eigenvalue (inf where undefined)."""
+    lmax = max(float(evals.max()), 0.0)
+    condition = lmax / float(evals.min()) if float(evals.min()) > 0 else math.inf
+    relative = err / lmax if lmax > 0 else math.inf
+    return float32_resolves(evals, err, tol, rcond * lmax), condition, relative
+
+
 def float32_resolves(evals: torch.Tensor, err: float, tol: float, cutoff: float) -> bool:
     """Whether eigenvalues known to within ``err`` (absolute, an estimate of ||E||_2 of the
     matrix) are good enough for a pseudo-inverse that drops those ``<= cutoff``: every kept
@@ -272,10 +282,8 @@ class MDS(Score):
             cov = self._shrink(G / N)
             err = (1.0 - self.shrinkage) * err2 / N
             evals, evecs = torch.linalg.eigh(cov)
-            lmax = max(float(evals.max()), 0.0)
-            self.condition_ = lmax / float(evals.min()) if float(evals.min()) > 0 else math.inf
-            self.float32_error_ = err / lmax if lmax > 0 else math.inf
-            if float32_resolves(evals, err, self.tolerance, rcond * lmax):
+            ok, self.condition_, self.float32_error_ = float32_verdict(evals, err, self.tolerance, rcond)
+            if ok:
                 self.precision_ = "float32"
             else:
                 evals = evecs = None

@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .ash import chunk_rows, row_chunks
+from .ash import chunk_rows, float64_chunks
 from .base import SCORES, FeatureSet, Score, check_number, mean64
 
 
@@ -48,13 +48,9 @@ class NCI(Score):
     def _score(self, data: FeatureSet) -> np.ndarray:
         X = data.features.detach()
         pred = data.logits.detach().argmax(dim=1)
-        n, D = X.shape
-        out = torch.empty(n, dtype=torch.float64)
+        out = torch.empty(X.shape[0], dtype=torch.float64)
         # float64 in row chunks, the upcast into a reused buffer then centred in place (in cache)
-        buf = torch.empty(min(chunk_rows(D), n), D, dtype=torch.float64)
-        for sl in row_chunks(n, D):
-            c = buf[: sl.stop - sl.start]
-            c.copy_(X[sl])
+        for sl, c in float64_chunks(X):
             l1 = c.abs().sum(dim=1) if self.alpha else None
             c.sub_(self.train_mean_)
             norm = torch.linalg.vector_norm(c, dim=1)

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .base import SCORES, FeatureSet, Score, check_rcond, exp_shifted, log_, row_sums
-from .mds import FLOAT32_MIN_WORK, float32_resolves, linear32
+from .mds import FLOAT32_MIN_WORK, float32_verdict, linear32
 
 #: rows per chunk of the normalisation and of scoring
 PNML_CHUNK = 1024
@@ -99,10 +99,8 @@ class PNML(Score):
         if N * D * D >= FLOAT32_MIN_WORK:
             G, err = self._gram32(X)
             evals, evecs = torch.linalg.eigh(G)
-            lmax = max(float(evals.max()), 0.0)
-            self.condition_ = lmax / float(evals.min()) if float(evals.min()) > 0 else math.inf
-            self.float32_error_ = err / lmax if lmax > 0 else math.inf
-            if float32_resolves(evals, err, self.tolerance, rcond * lmax):
+            ok, self.condition_, self.float32_error_ = float32_verdict(evals, err, self.tolerance, rcond)
+            if ok:
                 self.precision_ = "float32"
             else:
                 evals = evecs = None

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .ash import chunk_rows, row_chunks
+from .ash import chunk_rows, float64_chunks
 from .base import SCORES, FeatureSet, Score, check_choice, class_sums64
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,9 @@ class SHE(Score):
     def _score(self, data: FeatureSet) -> np.ndarray:
         X = data.features.detach()
         pred = data.logits.detach().argmax(dim=1)
-        n, D = X.shape
-        out = torch.empty(n, dtype=torch.float64)
+        out = torch.empty(X.shape[0], dtype=torch.float64)
         # float64 in row chunks (in cache), the upcast into a reused buffer
-        buf = torch.empty(min(chunk_rows(D), n), D, dtype=torch.float64)
-        for sl in row_chunks(n, D):
-            f = buf[: sl.stop - sl.start]
-            f.copy_(X[sl])
+        for sl, f in float64_chunks(X):
             S = self.patterns_.index_select(0, pred[sl])  # a copy, free to change in place
             if self.metric == "inner_product":
                 out[sl] = S.mul_(f).sum(dim=1)
