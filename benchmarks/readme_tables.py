@@ -8,6 +8,8 @@ Blocks (README.md holds each between ``<!-- NAME:start -->`` and ``<!-- NAME:end
           paired differences of every method to ``vanilla-cont`` (mean [95% t-interval], bold where the
           interval excludes 0), the absolute EBO AUROC of vanilla-cont, oaml and the teacher, and the
           OOD-val table `oaml` was chosen on.
+  ratio   "Does OAML help?", the outlier-ratio grids (benchmarks/results/fmnist-ratio.json,
+          fmnist-openset-ratio.json): paired differences to ``vanilla-cont`` and the grids' contrasts.
   perf    "Performance": benchmarks/results/{scores,knn_sampling,train_step,train_step_speed,amp_quality,
           eval_profile}.json; a missing file is said, not skipped. Every figure is a ratio to a peer
           measured in the same run (pytorch-ood 0.4.0, OpenOOD v1.5 re-expressed, the authors' sampler)
@@ -167,7 +169,9 @@ def training_section(step: Optional[Dict[str, Any]], speed: Optional[Dict[str, A
                 f"load average {step['loadavg_1min_at_start']:.2f} at the start; demo student, batch 128): `oaml` with cached "
                 f"teacher outputs takes {r['oaml-cached']:.2f}x a vanilla step (goal <= 1.5x: "
                 f"{'met' if r['oaml-cached'] <= 1.5 else 'not met'}), {r.get('oaml-live', float('nan')):.2f}x with the teacher "
-                f"run every step; `oaml-paper` {r.get('oaml-paper-cached', float('nan')):.2f}x cached.", ""]
+                f"run every step; `oaml-paper` {r.get('oaml-paper-cached', float('nan')):.2f}x cached"
+                + (f"; `oaml` at its previous outlier ratio 0.5 (64 outlier images per 128 ID images instead of 32) "
+                   f"{r['oaml-cached-r0.5']:.2f}x" if "oaml-cached-r0.5" in r else "") + ".", ""]
     if speed:
         ref = speed["setup"]["variants"][0]
         out += [f"**Training options** (`benchmarks/results/train_step_speed.json`, {speed['date']}, load average "
@@ -212,13 +216,15 @@ def eval_section(d: Dict[str, Any]) -> List[str]:
 # ------------------------------------------------------------------------------------ paired
 
 # the benchmarks quoted in "Does OAML help?", with the names their grids ran methods under when a
-# method was renamed after the grid (display name -> name in the JSON)
+# method was renamed after the grid (display name -> name in the JSON). The full grids ran `oaml`
+# with 0.5 outlier images per ID image; since the outlier-ratio grids it is 0.25 (RATIO_RENAMES).
 BENCHES = (
-    ("fmnist", {"oaml": "oaml-img-oe", "oaml-kdoe": "oaml"}),
-    ("fmnist-openset", {}),
+    ("fmnist", {"oaml at ratio 0.5": "oaml-img-oe", "oaml-kdoe": "oaml"}),
+    ("fmnist-openset", {"oaml at ratio 0.5": "oaml"}),
 )
+HEADLINE = "oaml at ratio 0.5"  # the full grids' row of the method that is `oaml` (at ratio 0.25) today
 # candidates for `oaml` (chosen on fmnist's OOD-val by the rule in docs/method.md)
-CANDIDATES = ("oaml-kdoe", "oaml", "oaml-crd", "oaml-r025")
+CANDIDATES = ("oaml-kdoe", HEADLINE, "oaml-crd", "oaml-r025")
 
 
 def _ci(d: Optional[Dict[str, Any]]) -> str:
@@ -235,17 +241,19 @@ def _label(display: str, renames: Dict[str, str]) -> str:
 
 
 def _order(methods: List[str]) -> List[str]:
-    """oaml first, then its variants and ablations, then the baselines, each in the grid's order."""
-    first = [m for m in methods if m == "oaml"]
-    own = [m for m in methods if m.startswith("oaml") and m != "oaml"]
+    """oaml (or the full grids' row of it) first, then its variants and ablations, then the baselines,
+    each in the grid's order."""
+    first = [m for m in methods if m in ("oaml", HEADLINE)]
+    own = [m for m in methods if m.startswith("oaml") and m not in first]
     return first + own + [m for m in methods if not m.startswith("oaml")]
 
 
-def paired_section(bench: str, d: Dict[str, Any], renames: Dict[str, str]) -> List[str]:
+def paired_section(bench: str, d: Dict[str, Any], renames: Dict[str, str], title: Optional[str] = None,
+                   headline: str = "oaml") -> List[str]:
     ref = d["paired"]["delta_vs"]
     back = {v: k for k, v in renames.items()}  # JSON name -> display name
     shown = {back.get(m, m): m for m in d["paired"]["methods"] if m not in ("vanilla", ref)}
-    out = [f"**`{bench}`** (paired differences to `{ref}`, percentage points, mean [95% t-interval]; bold: the interval excludes 0)",
+    out = [f"**{title or f'`{bench}`'}** (paired differences to `{ref}`, percentage points, mean [95% t-interval]; bold: the interval excludes 0)",
            "",
            "| method | n | ID acc Δ | EBO ΔAUROC | EBO ΔFPR@95 | GEN ΔAUROC | EBO ΔAUROC, OE-disjoint sets | EBO ΔAUROC, near sets |",
            "|---|---|---|---|---|---|---|---|"]
@@ -256,11 +264,11 @@ def paired_section(bench: str, d: Dict[str, Any], renames: Dict[str, str]) -> Li
                    f"| {_ci(ebo['all']['fpr95'])} | {_ci(gen['all']['auroc'])} | {_ci(ebo.get('oe_disjoint', {}).get('auroc'))} "
                    f"| {_ci(ebo.get('near', {}).get('auroc'))} |")
     meth = d["methods"]
-    ours = meth.get(renames.get("oaml", "oaml"))
+    ours = meth.get(renames.get(headline, headline))
     base = meth.get(ref)
     if ours and base:
         a = lambda x: x["scores"]["ebo"]["all"]["auroc"]  # noqa: E731
-        line = (f"Absolute, all OOD sets: `{ref}` EBO AUROC {a(base)['mean']:.1f} ± {a(base)['std']:.1f}, `oaml` "
+        line = (f"Absolute, all OOD sets: `{ref}` EBO AUROC {a(base)['mean']:.1f} ± {a(base)['std']:.1f}, `{headline}` "
                 f"{a(ours)['mean']:.1f} ± {a(ours)['std']:.1f} (n = {a(ours)['n']}), ID accuracy {base['id_accuracy']['mean']:.2f} vs "
                 f"{ours['id_accuracy']['mean']:.2f}")
         t = d.get("teacher")
@@ -286,11 +294,45 @@ def ood_val_section(bench: str, d: Dict[str, Any], renames: Dict[str, str]) -> L
     return out
 
 
+# the outlier-ratio grids (configs/bench/*-ratio.yaml): display name -> name in the JSON
+RATIO_BENCHES = ("fmnist", "fmnist-openset")
+RATIO_RENAMES = {"oaml": "oaml-oe-r025", "oaml at ratio 0.5": "oaml-oe-r050"}
+
+
+def contrast_section(rows: List[tuple]) -> List[str]:
+    """Paired a − b rows (bench, display label, contrast entry of a results.json): test and OOD-val."""
+    out = ["| benchmark | contrast | n | ID acc Δ | EBO ΔAUROC | EBO ΔAUROC, OE-disjoint sets | EBO ΔAUROC, OOD-val | "
+           "EBO ΔAUROC, OE-disjoint OOD-val |", "|---|---|---|---|---|---|---|---|"]
+    for bench, label, c in rows:
+        ebo, val = c["scores"]["ebo"], c.get("ood_val", {}).get("ebo", {})
+        out.append(f"| `{bench}` | {label} | {c['id_accuracy']['n']} | {_ci(c['id_accuracy'])} | {_ci(ebo['all']['auroc'])} "
+                   f"| {_ci(ebo.get('oe_disjoint', {}).get('auroc'))} | {_ci(val.get('all', {}).get('auroc'))} "
+                   f"| {_ci(val.get('oe_disjoint', {}).get('auroc'))} |")
+    return out
+
+
+def render_ratio() -> str:
+    parts: List[List[str]] = []
+    back = {v: k for k, v in RATIO_RENAMES.items()}
+    contrasts = []
+    for bench in RATIO_BENCHES:
+        d = _load(f"{bench}-ratio.json")
+        if d is None:
+            parts.append([f"Not measured yet: {bench}-ratio.json."])
+            continue
+        parts.append(paired_section(bench, d, RATIO_RENAMES, title=f"`{bench}`, outlier-ratio grid"))
+        contrasts += [(bench, f"{back.get(c['a'], c['a'])} − {back.get(c['b'], c['b'])}", c) for c in d.get("contrasts", [])]
+    if contrasts:
+        parts.append(["**Contrasts** (paired per-seed differences a − b in the same grids; the first row per benchmark is "
+                      "the selection rule's, on OOD-val)", ""] + contrast_section(contrasts))
+    return _block("ratio", parts)
+
+
 def render_paired() -> str:
     parts: List[List[str]] = []
     for bench, renames in BENCHES:
         d = _load(f"{bench}.json")
-        parts.append(paired_section(bench, d, renames) if d else [f"Not measured yet: {bench}.json."])
+        parts.append(paired_section(bench, d, renames, headline=HEADLINE) if d else [f"Not measured yet: {bench}.json."])
     d = _load("fmnist.json")
     if d:
         parts.append(ood_val_section("fmnist", d, dict(BENCHES)["fmnist"]))
@@ -323,7 +365,7 @@ def render_perf() -> str:
     return _block("perf", parts)
 
 
-BLOCKS = {"paired": render_paired, "perf": render_perf}
+BLOCKS = {"paired": render_paired, "ratio": render_ratio, "perf": render_perf}
 
 
 def block_of(text: str, name: str) -> str:

@@ -10,8 +10,8 @@ and the speed options of the student's training (channels_last, torch.compile, b
 Contenders, each a Trainer built by oaml.training.build.build_trainer with the offline demo's
 settings (Fashion-MNIST, quarter-width ResNet-18, batch 128) and timed on the SAME ID batch:
   vanilla             CE only
-  oaml-cached         oaml (CE + logit KD + teacher-selected image outliers: 64 outlier images per
-                      128 ID images in the same forward pass, KD to the teacher's stored logits + OE),
+  oaml-cached         oaml (CE + logit KD + teacher-selected image outliers: 32 outlier images per
+                      128 ID images in the same forward pass, with OE),
                       the teacher's outputs for the training set computed once (teacher.cache)
   oaml-live           the same with the teacher run on the ID batch every step
   oaml-paper-cached   the paper's loss (CE + logit/feature KD + MI to C-OOD and D-OOD), cached teacher

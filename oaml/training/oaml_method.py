@@ -198,10 +198,11 @@ _WARMUP = 100  # batches fitting DT and the CLUB nets with the student frozen
 
 register_method(Method(
     "oaml",
-    {"ce": {}, "kd_logit": {}, "image_outliers": {"kd": 0.0}},
+    {"ce": {}, "kd_logit": {}, "image_outliers": {"kd": 0.0, "ratio": 0.25}},
     "OAML as this library recommends it: CE + logit KD on ID images + teacher-selected image outliers (made from ID "
-    "images, kept beyond every class boundary in the teacher's space) trained with outlier exposure in the student's "
-    "one forward pass (chosen on OOD-val over distilling the teacher's logits on them too: docs/method.md)",
+    "images, kept beyond every class boundary in the teacher's space; one per four ID images) trained with outlier "
+    "exposure in the student's one forward pass (chosen on OOD-val over distilling the teacher's logits on them too, "
+    "and over half as many outliers as ID images: docs/method.md)",
     _PAPER, needs_teacher=True,
 ))
 register_method(Method("oaml-paper", {**_KD, "mi_cood": {}, "mi_dood": {}},
