@@ -8,6 +8,7 @@ from oaml.errors import ConfigError
 from oaml.models.checkpoint import load_student
 from oaml.outliers.images import ImageOutlierConfig, ImageOutlierSet, build_image_outliers
 from oaml.training.config import TrainConfig, check_same_config
+from oaml.training.methods import MethodConfig, resolve_terms
 from oaml.training.trainer import Trainer
 
 from helpers import FakeTeacher, TinyImages
@@ -106,7 +107,8 @@ def test_channels_last_gives_the_same_losses_and_weights(tmp_path, method):
     before = ref.model.conv1.weight.detach().clone()
     logs_ref, logs_cl = _steps(ref), _steps(cl)
     assert seen["layout"] is True  # the option took effect: NHWC activations inside the student
-    assert seen["batch"] == (16 if method == "vanilla" else 16 + 8)  # ID batch + image outliers in one pass
+    outliers = round(resolve_terms(MethodConfig(name="oaml"))["image_outliers"]["ratio"] * 16)  # oaml's default ratio
+    assert seen["batch"] == (16 if method == "vanilla" else 16 + outliers)  # ID batch + image outliers in one pass
     assert cl.model.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
     _assert_same(ref, cl, logs_ref, logs_cl, rtol=1e-4, atol=1e-4, before=before)
     # evaluation and extraction (NHWC inputs) agree on the same weights (copied in: the layout stays NHWC)
@@ -236,9 +238,12 @@ def test_amp_runs_the_student_in_bfloat16_on_cpu_and_keeps_float32_weights(tmp_p
     logs_ref, logs_amp = _steps(ref), _steps(amp)
     assert seen["dtype"] is torch.bfloat16  # the option took effect inside the student
     assert all(p.dtype is torch.float32 for p in amp.model.parameters())  # master weights stay float32
-    for a, b in zip(logs_ref, logs_amp):  # bfloat16 keeps 8 bits of mantissa: close, not equal
+    # bfloat16 keeps 8 bits of mantissa: close, not equal. The first step runs the same weights (only the
+    # forward's rounding differs: within 1%); the toy net's later steps amplify that rounding (oaml at ratio
+    # 0.25: 13% apart in CE by the third step, 3% at 0.5), so they are only checked to stay in range.
+    for s, (a, b) in enumerate(zip(logs_ref, logs_amp)):
         for k in (k for k in a if k != "train_acc"):  # the losses (accuracy of 16 images moves in steps of 1/16)
-            assert b[k] == pytest.approx(a[k], rel=0.05, abs=0.02), (k, a[k], b[k])
+            assert b[k] == pytest.approx(a[k], rel=0.01 if s == 0 else 0.25, abs=0.02), (s, k, a[k], b[k])
     flat = lambda tr: torch.cat([p.detach().flatten() for p in tr.model.parameters()])  # noqa: E731
     upd_ref, upd_amp = flat(ref) - start, flat(amp) - start
     # the same optimisation up to bfloat16 rounding: 4 steps of a 4-class toy net are noisy (cosine 0.74
