@@ -240,6 +240,7 @@ def _ms(agg: Optional[Dict[str, float]], digits: int = 2) -> str:
 
 
 GROUP_TITLES = {"oe_disjoint": "OE-disjoint", "oe_overlap": "OE-overlap", "all": "all sets"}
+DELTA_TITLES = {"auroc": "ΔAUROC ↑", "fpr95": "ΔFPR@95 ↓"}  # the column titles of paired differences
 
 
 def _delta(d: Optional[Dict[str, Any]]) -> str:
@@ -257,9 +258,8 @@ def _paired_table(ref: str, paired: Dict[str, Any], main_scores: Sequence[str], 
     """One row per method with a paired seed: ID accuracy and each score's AUROC / FPR@95 differences to
     ``ref`` (``title``: another heading, for rows that are already differences a − b)."""
     cols = [(s, g, m) for s in main_scores for g in groups for m in ("auroc", "fpr95")]
-    label = {"auroc": "ΔAUROC ↑", "fpr95": "ΔFPR@95 ↓"}
     lines = [title or f"## Paired differences to `{ref}` (same seed)", "",
-             "| method | n | ID acc Δ ↑ | " + " | ".join(f"{s.upper()} {label[m]} ({GROUP_TITLES[g]})" for s, g, m in cols) + " |",
+             "| method | n | ID acc Δ ↑ | " + " | ".join(f"{s.upper()} {DELTA_TITLES[m]} ({GROUP_TITLES[g]})" for s, g, m in cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
     for name, m in paired.items():
         cells = [name, str(m["id_accuracy"]["n"]), _delta(m["id_accuracy"])]
@@ -280,9 +280,8 @@ def _ood_val_paired_table(title: str, paired: Dict[str, Any], main_scores: Seque
         return []
     groups = [g for g in ("all", "oe_disjoint") if any(g in v.get(s, {}) for v in val.values() for s in main_scores)]
     cols = [(s, g, k) for s in main_scores for g in groups for k in ("auroc", "fpr95")]
-    label = {"auroc": "ΔAUROC ↑", "fpr95": "ΔFPR@95 ↓"}
     names = {"all": "all OOD-val sets", "oe_disjoint": "OE-disjoint OOD-val sets"}
-    lines = ["", title, "", "| method | n | " + " | ".join(f"{s.upper()} {label[k]} ({names[g]})" for s, g, k in cols) + " |",
+    lines = ["", title, "", "| method | n | " + " | ".join(f"{s.upper()} {DELTA_TITLES[k]} ({names[g]})" for s, g, k in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for n, v in val.items():
         lines.append("| " + " | ".join([n, str(paired[n]["id_accuracy"]["n"])] + [_delta(v.get(s, {}).get(g, {}).get(k)) for s, g, k in cols]) + " |")

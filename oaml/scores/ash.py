@@ -3,23 +3,23 @@
 Three registered variants sharing one implementation: ``ash_p`` (prune), ``ash_b`` (prune and
 binarise), ``ash_s`` (prune and scale). Also home of the helpers shared with SCALE
 (:mod:`oaml.scores.scale`): the stable top-k of each row and :class:`HeadOnlyScore`, the base of
-scores that need the head but no fitting data; and of the float64 row-chunk helpers of the
-feature scores (:func:`row_chunks`, :func:`head_logits`, :func:`energy_through_head`; DICE, SHE,
-NCI, fDBD): their float64 temporaries are made one cache-sized chunk of rows at a time.
+scores that need the head but no fitting data; and of the head helpers of the feature scores
+(:func:`head_logits`, :func:`energy_through_head`; DICE), whose float64 temporaries are made one
+cache-sized chunk of rows at a time (:func:`~oaml.scores.base.float64_chunks`).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, ShapeError
-from .base import SCORES, FeatureSet, Head, Score, check_finite, check_number
+from .base import SCORES, FeatureSet, Head, Score, check_finite, check_number, float64_chunks
 
 __all__ = ["ASHP", "ASHB", "ASHS", "HeadOnlyScore", "kept_count", "top_k_mask", "top_k_sum", "shape_ratio",
-           "energy_through_head", "head_logits", "chunk_rows", "row_chunks", "float64_chunks"]
+           "energy_through_head", "head_logits"]
 
 PERCENTILE_GRID = [65, 70, 75, 80, 85, 90, 95]  # OpenOOD v1.5 ash.yml / scale.yml percentile_list
 
@@ -28,36 +28,6 @@ def kept_count(D: int, percentile: float) -> int:
     """Number of activations kept per sample: ``D - round(D * percentile / 100)`` (numpy's
     round-half-to-even, as OpenOOD and pytorch-ood)."""
     return int(D - int(np.round(D * percentile / 100.0)))
-
-
-#: Elements (rows x D) per row chunk of the scoring loops: a chunk's float64 temporaries
-#: (2^17 x 8 bytes = 1 MiB, 256 rows at D = 512) stay in cache and their memory is reused, where
-#: whole-set temporaries (20,000 x 512 in float64 = 80 MB) would each be fresh pages.
-CHUNK_ELEMS = 1 << 17
-
-
-def chunk_rows(d: int) -> int:
-    """Rows of width ``d`` in a chunk of about :data:`CHUNK_ELEMS` elements (at least 1)."""
-    return max(1, CHUNK_ELEMS // max(d, 1))
-
-
-def row_chunks(n: int, d: int) -> Iterator[slice]:
-    """Slices of ``n`` rows of width ``d`` in chunks of :func:`chunk_rows` rows."""
-    step = chunk_rows(d)
-    for i in range(0, n, step):
-        yield slice(i, min(i + step, n))
-
-
-def float64_chunks(X: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-    """``(rows, chunk)`` over :func:`row_chunks` of ``X`` (n, D): the chunk is ``X[rows]`` upcast
-    to float64 into one reused buffer (so it is overwritten by the next chunk, and free to change
-    in place)."""
-    n, D = X.shape
-    buf = torch.empty(min(chunk_rows(D), n), D, dtype=torch.float64)
-    for sl in row_chunks(n, D):
-        c = buf[: sl.stop - sl.start]
-        c.copy_(X[sl])
-        yield sl, c
 
 
 def _partition_top(f: torch.Tensor, k: int) -> np.ndarray:
@@ -120,7 +90,7 @@ def head_logits(f: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 def energy_through_head(f: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``logsumexp(f W^T + b)`` (N,) in float64 (energy with T = 1, as OpenOOD and pytorch-ood),
-    ``f`` of any dtype upcast to float64 in row chunks (:func:`row_chunks`), W and b float64."""
+    ``f`` of any dtype upcast to float64 in row chunks (:func:`~oaml.scores.base.float64_chunks`), W and b float64."""
     out = torch.empty(f.shape[0], dtype=torch.float64)
     for sl, x in float64_chunks(f):
         z = head_logits(x, W)

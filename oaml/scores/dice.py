@@ -6,8 +6,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from .ash import chunk_rows, energy_through_head
-from .base import SCORES, FeatureSet, Score, check_number, mean64
+from .ash import energy_through_head
+from .base import SCORES, FeatureSet, Score, check_number, chunk_rows, mean64
 
 
 @SCORES.register("dice")

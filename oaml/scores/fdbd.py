@@ -8,8 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, ShapeError
-from .ash import chunk_rows, row_chunks
-from .base import SCORES, FeatureSet, Score, mean64
+from .base import SCORES, FeatureSet, Score, chunk_rows, mean64, row_chunks
 
 
 @SCORES.register("fdbd")

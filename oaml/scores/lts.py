@@ -5,10 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import SCORES, FeatureSet, Score, check_number, exp_shifted, log_, row_sums
-
-#: rows per chunk of :func:`lts_factor` (a 512-wide chunk: 1 MiB of float64)
-LTS_CHUNK = 256
+from .base import SCORES, FeatureSet, Score, check_number, exp_shifted, float64_chunks, log_, row_sums
 
 
 def lts_factor(features: torch.Tensor, p: float) -> torch.Tensor:
@@ -27,14 +24,11 @@ def lts_factor(features: torch.Tensor, p: float) -> torch.Tensor:
     k = max(1, d - round(d * (1.0 - p)))
     s1 = torch.empty(n, dtype=torch.float64)
     s2 = torch.empty(n, dtype=torch.float64)
-    buf = torch.empty(min(n, LTS_CHUNK), d, dtype=torch.float64)
     zn = z.numpy()
-    for i in range(0, n, LTS_CHUNK):
-        zc = z[i : i + LTS_CHUNK]
-        b = buf[: zc.shape[0]]
-        torch.sum(b.copy_(zc).clamp_min_(0.0), dim=1, out=s1[i : i + LTS_CHUNK])
-        top = torch.from_numpy(np.partition(zn[i : i + LTS_CHUNK], d - k, axis=1)[:, d - k :])
-        row_sums(top.to(torch.float64).clamp_min_(0.0), out=s2[i : i + LTS_CHUNK])
+    for sl, b in float64_chunks(z):
+        torch.sum(b.clamp_min_(0.0), dim=1, out=s1[sl])
+        top = torch.from_numpy(np.partition(zn[sl], d - k, axis=1)[:, d - k :])
+        row_sums(top.to(torch.float64).clamp_min_(0.0), out=s2[sl])
     ratio = torch.where(s2 > 0, s1 / torch.where(s2 > 0, s2, torch.ones_like(s2)), torch.ones_like(s2))
     return ratio.square()
 

@@ -7,8 +7,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .ash import chunk_rows, float64_chunks
-from .base import SCORES, FeatureSet, Score, check_number, mean64
+from .base import SCORES, FeatureSet, Score, check_number, chunk_rows, float64_chunks, mean64
 
 
 @SCORES.register("nci")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .ash import top_k_sum
 from .base import SCORES, FeatureSet, Score, check_number
 from .knn import l2_normalise
 
@@ -71,13 +72,12 @@ class NNGuide(Score):
 
     def _score(self, data: FeatureSet) -> np.ndarray:
         X, Z = data.features.detach(), data.logits.detach()
-        K, nb = self.K, self.bank_size_
+        K = self.K
         out = torch.empty(X.shape[0], dtype=torch.float64)
         for i in range(0, X.shape[0], self.chunk_size):  # float64 temporaries of one chunk at a time
             sl = slice(i, i + self.chunk_size)
             sims = l2_normalise(X[sl].to(torch.float64)) @ self._bank_t
-            # the K largest similarities of each row: a partition (O(nb) per row), not a sort
-            top = np.partition(sims.numpy(), nb - K, axis=1)[:, nb - K :]
-            guide = torch.from_numpy(top.sum(axis=1)) / K
+            # the K largest similarities of each row: a partition (O(bank) per row), not a sort
+            guide = top_k_sum(sims, K) / K
             out[sl] = guide * torch.logsumexp(Z[sl].to(torch.float64), dim=1)
         return out.numpy()

@@ -10,6 +10,7 @@ import torch
 from ..errors import ConfigError, DataError
 from .base import SCORES, FeatureSet, Score, check_rcond, exp_shifted, log_, row_sums
 from .mds import FLOAT32_MIN_WORK, float32_verdict, linear32
+from .rmd import whitener_from_eigh
 
 #: rows per chunk of the normalisation and of scoring
 PNML_CHUNK = 1024
@@ -112,10 +113,7 @@ class PNML(Score):
             evals, evecs = torch.linalg.eigh(G)
             lmin = float(evals.min())
             self.condition_ = float(evals.max()) / lmin if lmin > 0 else math.inf
-        keep = evals > rcond * max(float(evals.max()), 0.0)
-        if not bool(keep.any()):
-            raise DataError("pnml: the normalised-feature Gram matrix is zero; the features carry no information")
-        self.projector_ = evecs[:, keep] / evals[keep].sqrt()  # (D, r), P P^T = pinv(X^T X)
+        self.projector_ = whitener_from_eigh(evals, evecs, rcond, "normalised-feature Gram", self.name)  # (D, r), P P^T = pinv(X^T X)
         self.rank_ = int(self.projector_.shape[1])
         self._P32t = self.projector_.T.contiguous().to(torch.float32) if self.precision_ == "float32" else None
         self._W = W

@@ -15,7 +15,12 @@ def eigh_whitener(cov: torch.Tensor, rcond: float | None, what: str, score: str 
     D = cov.shape[0]
     evals, evecs = torch.linalg.eigh(cov)
     rc = rcond if rcond is not None else D * float(np.finfo(np.float64).eps)
-    keep = evals > rc * max(float(evals.max()), 0.0)
+    return whitener_from_eigh(evals, evecs, rc, what, score)
+
+
+def whitener_from_eigh(evals: torch.Tensor, evecs: torch.Tensor, rcond: float, what: str, score: str) -> torch.Tensor:
+    """:func:`eigh_whitener` from an eigendecomposition already made (``rcond`` a number)."""
+    keep = evals > rcond * max(float(evals.max()), 0.0)
     if not bool(keep.any()):
         raise DataError(f"{score}: the {what} matrix is zero; the features carry no information")
     return evecs[:, keep] / evals[keep].sqrt()

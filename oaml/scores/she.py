@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .ash import chunk_rows, float64_chunks
-from .base import SCORES, FeatureSet, Score, check_choice, class_sums64
+from .base import SCORES, FeatureSet, Score, check_choice, chunk_rows, class_sums64, float64_chunks
 
 log = logging.getLogger(__name__)
 
