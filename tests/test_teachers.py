@@ -195,3 +195,50 @@ def test_full_finetune_trains_every_backbone_parameter():
     after = teacher.model.state_dict()
     for key in ("model.cls_token", "model.pos_embed", "model.patch_embed.proj.weight", "model.blocks.0.attn.qkv.weight"):
         assert not torch.equal(before[key], after[key]), key
+
+
+def _asymmetric_val(n=12, size=20, seed=7):
+    """Images that are not mirror-symmetric, so the two views of tta: hflip differ."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8)
+    x[..., : size // 3] = 255
+    return torch.utils.data.TensorDataset(x, torch.arange(n) % 3)
+
+
+def test_flip_tta_outputs_are_the_mean_of_both_views():
+    teacher = load_teacher(TeacherConfig(name="timm:test_efficientnet", pretrained=False, num_classes=3, tta="hflip"))
+    x = _asymmetric_val().tensors[0][:5]
+    logits, feats = teacher.outputs(x)
+    inner = teacher.model
+    with torch.no_grad():
+        f1, f2 = inner.features(teacher.prepare(x)), inner.features(teacher.prepare(x.flip(-1)))
+    assert not torch.allclose(f1, f2, atol=1e-4)  # the views differ: the test can tell
+    assert torch.allclose(feats, (f1 + f2) / 2, atol=1e-5)
+    W, b = teacher.net.fc_weights()
+    assert torch.allclose(logits, feats @ W.T + b, atol=1e-5)
+    plain = teacher.identity()
+    assert plain["tta"] == "hflip"
+    assert "tta" not in load_teacher(TeacherConfig(name="timm:test_efficientnet", pretrained=False)).identity()
+    with pytest.raises(NotImplementedError, match="tta"):
+        teacher.net.feature_maps(teacher.prepare(x))
+    with pytest.raises(ConfigError):
+        TeacherConfig.from_dict({"tta": "vflip"})
+
+
+@pytest.mark.parametrize("mode", ["head", "partial"])
+def test_finetune_validates_with_tta_and_the_checkpoint_keeps_it(tmp_path, mode):
+    """The cached validation (mirrored prefix/features cached too) gives the accuracy that the
+    saved teacher's flip-averaged outputs give; the checkpoint loads with tta: hflip."""
+    train, val = _toy_dataset(8, size=20, seed=2), _asymmetric_val()
+    teacher = load_teacher(TeacherConfig(name="timm:test_efficientnet", pretrained=False, preprocess={"size": 32}, tta="hflip"))
+    kw = {"backbone_lr": 1e-3, "train_blocks": 1} if mode == "partial" else {}
+    cfg = FinetuneConfig(epochs=2, batch_size=8, head_lr=3e-3, progress=False, device="cpu", cache_dtype="float32", **kw)
+    path = finetune_teacher(teacher, train, val, cfg, out_path=tmp_path / "t.pt")
+    loaded = load_teacher(checkpoint=path)
+    assert loaded.config.tta == "hflip" and loaded.identity()["tta"] == "hflip"
+    assert evaluate_teacher(loaded, val) == pytest.approx(loaded.info["val_accuracy"])
+    # the same weights without tta give other outputs (so the cached validation did average)
+    off = load_teacher(checkpoint=path)
+    off.config = off.config.model_copy(update={"tta": "none"})
+    x = val.tensors[0]
+    assert not torch.allclose(off.outputs(x)[0], loaded.outputs(x)[0], atol=1e-4)

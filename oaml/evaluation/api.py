@@ -264,9 +264,9 @@ def evaluate_teacher(
         raise ShapeError(f"teacher {teacher_checkpoint} predicts {teacher.num_classes} classes but benchmark {bench.name!r} "
                          f"has {bench.num_classes}; fine-tune it on the benchmark's ID classes (`oaml teacher finetune`)")
     meta = {"kind": "teacher", **teacher.identity(), **teacher.info}
-    # the teacher's model is a Classifier and its preprocessing a raw-uint8 -> input module, which
-    # is what the evaluator takes from a student: no adapter needed (outputs() is exactly this pair)
-    return _evaluate(teacher.model, teacher.preprocess, teacher_checkpoint, teacher.checkpoint_sha256, meta, bench, out_dir,
+    # the teacher's model (flip-averaged under tta: hflip) is a Classifier and its preprocessing a raw-uint8 ->
+    # input module, which is what the evaluator takes from a student: no adapter needed (outputs() is this pair)
+    return _evaluate(teacher.net, teacher.preprocess, teacher_checkpoint, teacher.checkpoint_sha256, meta, bench, out_dir,
                      scores=scores, fit_limit=fit_limit, batch_size=batch_size, device=teacher.device, root=root,
                      plots=plots, progress=progress, score_ood_val=score_ood_val)
 

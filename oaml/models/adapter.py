@@ -88,3 +88,33 @@ class HeadAdapter(Classifier):
 
     def fc_weights(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.fc.weight, self.fc.bias
+
+
+class FlipAveraged(Classifier):
+    """Test-time augmentation by horizontal flips: the features of an input are the mean of
+    ``inner``'s features of the input and of its mirror image, the logits are ``inner``'s head on
+    them. For a linear head (``fc_weights``) that is also the mean of the two logits, so scores
+    that use ``(W, b)`` with these features stay consistent. Both views run as one batch.
+
+    Feature maps (Gram) are not averaged: :meth:`feature_maps` refuses rather than mix views.
+    """
+
+    def __init__(self, inner: Classifier):
+        super().__init__()
+        self.inner = inner
+        self.feature_dim = inner.feature_dim
+        self.num_classes = inner.num_classes
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        f = self.inner.features(torch.cat([x, x.flip(-1)]))
+        return (f[:n] + f[n:]) * 0.5
+
+    def head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.inner.head(f)
+
+    def feature_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
+        raise NotImplementedError("feature maps of a flip-averaged (tta: hflip) model are not defined; use tta: none")
+
+    def fc_weights(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.inner.fc_weights()

@@ -192,6 +192,7 @@ def finetune_teacher(
         p.requires_grad_(True)
 
     seq = _sequential_stages(teacher)
+    tta = teacher.config.tta == "hflip"  # validation (model selection) sees the outputs as they will be used
     mode = "head" if cfg.backbone_lr is None else ("partial" if cfg.train_blocks is not None else "full")
     timings: dict[str, float] = {}
     model.eval()
@@ -200,10 +201,12 @@ def finetune_teacher(
         t0 = time.perf_counter()
         Xtr, Ytr = _run_cached(model.features, teacher, train_dataset, train_idx, cfg, "features train", torch.float32)
         Xva, Yva = _run_cached(model.features, teacher, val_dataset, val_idx, cfg, "features val", torch.float32)
+        if tta:
+            Xva_flip, _ = _run_cached(lambda x: model.features(x.flip(-1)), teacher, val_dataset, val_idx, cfg, "features val (mirrored)", torch.float32)
         timings["cache_s"] = time.perf_counter() - t0
 
-        def forward_cached(x: torch.Tensor) -> torch.Tensor:
-            return head(x)
+        def features_cached(x: torch.Tensor) -> torch.Tensor:
+            return x
 
         cached = True
     elif mode == "partial" and cfg.cache and seq is not None:
@@ -221,19 +224,27 @@ def finetune_teacher(
         t0 = time.perf_counter()
         Xtr, Ytr = _run_cached(run_prefix, teacher, train_dataset, train_idx, cfg, "prefix train", dtype)
         Xva, Yva = _run_cached(run_prefix, teacher, val_dataset, val_idx, cfg, "prefix val", dtype)
+        if tta:
+            Xva_flip, _ = _run_cached(lambda x: run_prefix(x.flip(-1)), teacher, val_dataset, val_idx, cfg, "prefix val (mirrored)", dtype)
         timings["cache_s"] = time.perf_counter() - t0
         log.info("cached frozen-prefix activations %s (%.0f MB)", tuple(Xtr.shape), Xtr.numel() * Xtr.element_size() / 1e6)
 
-        def forward_cached(x: torch.Tensor) -> torch.Tensor:
+        def features_cached(x: torch.Tensor) -> torch.Tensor:
             x = x.float()
             for m in suffix:
                 x = m(x)
-            return model.head(model.model.forward_head(x, pre_logits=True))
+            return model.model.forward_head(x, pre_logits=True)
 
         cached = True
     else:
         cached = False
         Xtr = Xva = Ytr = Yva = None  # type: ignore[assignment]
+
+    def forward_cached(x: torch.Tensor) -> torch.Tensor:
+        return model.head(features_cached(x))
+
+    if not (cached and tta):
+        Xva_flip = None
 
     groups = [{"params": [p for p in head.parameters()], "lr": cfg.head_lr}]
     if bb:
@@ -253,9 +264,13 @@ def finetune_teacher(
     def val_accuracy() -> float:
         set_train_mode(False)
         if cached:
-            correct = 0
-            for s in range(0, len(Xva), cfg.feature_batch_size):
-                correct += int((forward_cached(Xva[s : s + cfg.feature_batch_size].to(device)).argmax(1).cpu() == Yva[s : s + cfg.feature_batch_size]).sum())
+            correct, bs = 0, cfg.feature_batch_size
+            for s in range(0, len(Xva), bs):
+                f = features_cached(Xva[s : s + bs].to(device))
+                if Xva_flip is not None:  # tta: hflip, as FlipAveraged: the head on the mean features of both views
+                    f = (f + features_cached(Xva_flip[s : s + bs].to(device))) * 0.5
+                logits = model.head(f)
+                correct += int((logits.argmax(1).cpu() == Yva[s : s + bs]).sum())
             return correct / max(1, len(Xva))
         return evaluate_teacher(teacher, val_dataset, cfg.feature_batch_size)
 

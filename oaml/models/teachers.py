@@ -40,7 +40,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from ..config import StrictModel
 from ..errors import ConfigError, OamlError, ShapeError
 from ..registry import Registry
 from ..utils.io import sha256_file
-from .adapter import Classifier
+from .adapter import Classifier, FlipAveraged
 from .preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,9 @@ class TeacherConfig(StrictModel):
     num_classes: int | None = None  # ID classes; None keeps the pretrained head
     preprocess: TeacherPreprocessConfig = TeacherPreprocessConfig()
     checkpoint: str | None = None  # a fine-tuned teacher written by finetune_teacher
+    # test-time augmentation of every output (features, logits, fine-tune validation): "hflip"
+    # averages the features of each image and its mirror image (twice the forward cost)
+    tta: Literal["none", "hflip"] = "none"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,6 +516,11 @@ class Teacher:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def net(self) -> Classifier:
+        """The model as its outputs are used: ``model``, or its flip average under ``tta: hflip``."""
+        return FlipAveraged(self.model) if self.config.tta == "hflip" else self.model
+
     def to(self, device: str | torch.device) -> "Teacher":
         self.model.to(device)
         self.preprocess.to(device)
@@ -530,7 +538,7 @@ class Teacher:
 
     def identity(self) -> dict[str, Any]:
         """What makes this teacher's outputs what they are; stored in bank meta as ``teacher``."""
-        return {
+        out = {
             "name": self.config.name,
             "weights_sha256": self.weights_sha256,
             "checkpoint_sha256": self.checkpoint_sha256,
@@ -538,6 +546,9 @@ class Teacher:
             "feature_dim": int(self.feature_dim),
             "preprocess": self.preprocess.config(),
         }
+        if self.config.tta != "none":  # absent when off: identities (and caches) from before it existed stay valid
+            out["tta"] = self.config.tta
+        return out
 
     def prepare(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw uint8 images (a batch, or a list of differently sized ``(C, H, W)``) -> model input."""
@@ -551,7 +562,7 @@ class Teacher:
         was = self.model.training
         self.model.eval()
         try:
-            return self.model.forward_features(self.prepare(images))
+            return self.net.forward_features(self.prepare(images))
         finally:
             self.model.train(was)
 
@@ -651,7 +662,9 @@ def _load_checkpoint(cfg: TeacherConfig, device: str | torch.device) -> Teacher:
         raise ConfigError(f"checkpoint {path} predicts {n} classes, but num_classes={cfg.num_classes} was asked for")
     p = ckpt["preprocess"]
     pre = Preprocess(p["size"], p["channels"], p["mean"], p["std"])
-    out_cfg = saved.model_copy(update={"checkpoint": str(path), "num_classes": n})
+    # the checkpoint keeps the tta it was fine-tuned (and validated) with; tta: hflip on load turns it on
+    tta = cfg.tta if cfg.tta != "none" else saved.tta
+    out_cfg = saved.model_copy(update={"checkpoint": str(path), "num_classes": n, "tta": tta})
     info = {k: ckpt.get(k) for k in ("val_accuracy", "base_weights", "finetune", "dataset") if k in ckpt}
     teacher = Teacher(
         model, pre, out_cfg, weights_sha256=ckpt.get("base_weights_sha256"), checkpoint_sha256=file_sha256(path), info=info
@@ -659,11 +672,12 @@ def _load_checkpoint(cfg: TeacherConfig, device: str | torch.device) -> Teacher:
     return teacher.to(device).eval()
 
 
-def load_teacher_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Teacher:
-    """The fine-tuned teacher saved at ``path`` by :func:`~oaml.models.finetune.finetune_teacher`."""
+def load_teacher_checkpoint(path: str | Path, device: str | torch.device = "cpu", tta: str = "none") -> Teacher:
+    """The fine-tuned teacher saved at ``path`` by :func:`~oaml.models.finetune.finetune_teacher`
+    (with the tta it was fine-tuned with; ``tta="hflip"`` turns flip averaging on)."""
     from ..utils.device import resolve_device
 
-    return load_teacher(checkpoint=path, device=resolve_device(device))
+    return load_teacher(checkpoint=path, device=resolve_device(device), tta=tta)
 
 
 @torch.no_grad()
