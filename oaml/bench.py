@@ -167,6 +167,17 @@ def _val_curve(summaries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [{"epoch": e, **aggregate(v)} for e, v in sorted(by_epoch.items())]
 
 
+def _teacher_margin(teacher_val: Optional[float], vanilla_curve: Optional[List[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
+    """How far the teacher (ID val accuracy %, from its checkpoint) is above the converged vanilla
+    student (its last epoch's ID val accuracy, mean over seeds): a teacher no better than its
+    student tests nothing."""
+    if teacher_val is None or not vanilla_curve:
+        return None
+    last = vanilla_curve[-1]
+    return {"teacher_val_accuracy": float(teacher_val), "vanilla_val_accuracy": {k: last[k] for k in ("mean", "std", "n")},
+            "vanilla_epoch": int(last["epoch"]), "margin": float(teacher_val) - float(last["mean"])}
+
+
 def _aggregate_evals(evals: List[Dict[str, Any]]) -> Dict[str, Any]:
     """ID accuracy and every score's per-set and group metrics (and OOD-val, when every evaluation
     has it) of one run's evaluations, as mean +- std over them."""
@@ -386,7 +397,11 @@ class Bench:
         agg: Dict[str, Any] = {"methods": methods, "oe_groups": self.oe_groups()}
         teacher = self.out / "shared" / "eval" / "teacher" / "results.json"
         if teacher.is_file():  # the lead's evaluation of the shared teacher: a ceiling, one seed
-            agg["teacher"] = {**_aggregate_evals([self._load_eval(teacher)]), "seeds": [self.cfg.pipeline.seed]}
+            res = self._load_eval(teacher)
+            agg["teacher"] = {**_aggregate_evals([res]), "seeds": [self.cfg.pipeline.seed]}
+            margin = _teacher_margin(res.get("checkpoint_meta", {}).get("val_accuracy"), methods.get("vanilla", {}).get("val_curve"))
+            if margin:
+                agg["teacher_margin"] = margin
         if self.cfg.delta_vs is not None:
             agg["paired"] = {"delta_vs": self.cfg.delta_vs, "methods": _paired(found, self.cfg.delta_vs)}
         if self.cfg.contrasts:

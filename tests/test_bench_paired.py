@@ -218,3 +218,28 @@ def test_contrasts_between_two_runs(fake_out):
     assert "| logitnorm − vanilla-cont | 3 | **+0.60 [" in table and "| vanilla-cont − logitnorm | 3 | **-0.60 [" in table
     assert md.index("## Paired differences") < md.index("## Contrasts") < md.index("## Summary")
     assert "contrasts" not in Bench(_cfg(), fake_out).aggregate()
+
+
+def test_teacher_margin_over_the_converged_vanilla(fake_out):
+    """The teacher's checkpoint val accuracy minus the vanilla students' last-epoch val accuracy (mean over seeds)."""
+    from oaml.bench import _teacher_margin
+
+    curve = [{"epoch": 1, "mean": 80.0, "std": 1.0, "n": 3}, {"epoch": 2, "mean": 90.25, "std": 0.5, "n": 3}]
+    m = _teacher_margin(92.5, curve)
+    assert m["margin"] == pytest.approx(2.25) and m["vanilla_epoch"] == 2 and m["vanilla_val_accuracy"]["n"] == 3
+    assert _teacher_margin(None, curve) is None and _teacher_margin(92.5, []) is None
+
+    for k, seed in enumerate(SEEDS):  # vanilla students with a validation history: last epochs 89, 90, 91
+        d = fake_out / "runs" / f"seed{seed}" / "students" / "vanilla"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"epochs": 2, "history": [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.89 + 0.01 * k}]}))
+        (fake_out / "runs" / f"seed{seed}" / "eval" / "vanilla").mkdir(parents=True)
+        (fake_out / "runs" / f"seed{seed}" / "eval" / "vanilla" / "results.json").write_text(json.dumps(_eval(90.0, lambda i, s: 70.0)))
+    teacher = fake_out / "shared" / "eval" / "teacher"
+    teacher.mkdir(parents=True)
+    (teacher / "results.json").write_text(json.dumps({**_eval(95.0, lambda i, s: 99.0), "checkpoint_meta": {"val_accuracy": 92.5}}))
+    cfg = _cfg(methods={"vanilla-cont": {"method": {"name": "vanilla"}}, "logitnorm": {"method": {"name": "logitnorm"}}})
+    res = Bench(cfg, fake_out).report()
+    tm = res["results"]["teacher_margin"]
+    assert tm["vanilla_val_accuracy"]["mean"] == pytest.approx(90.0) and tm["margin"] == pytest.approx(2.5)
+    assert "the teacher is +2.50 points above it" in res["report"]

@@ -375,6 +375,12 @@ def bench_markdown(agg: Dict[str, Any], main_scores: Sequence[str], notes: Seque
         lines += ["", "## Vanilla convergence (ID validation accuracy per epoch, mean ± std over seeds)", "",
                   "| epoch | " + " | ".join(str(c["epoch"]) for c in curve) + " |", "|---|" + "---|" * len(curve),
                   "| val acc | " + " | ".join(_ms(c, 2) for c in curve) + " |"]
+    tm = agg.get("teacher_margin")
+    if tm:
+        v = tm["vanilla_val_accuracy"]
+        lines += ["", f"Teacher: {tm['teacher_val_accuracy']:.2f}% ID val accuracy (its checkpoint), the converged vanilla student "
+                      f"{v['mean']:.2f} ± {v['std']:.2f}% (epoch {tm['vanilla_epoch']}, n = {v['n']}): the teacher is "
+                      f"{tm['margin']:+.2f} points above it."]
     lines += ["", "## Methods", ""]
     for name, m in methods.items():
         terms = m["method"].get("terms") or {}
