@@ -238,8 +238,7 @@ def test_teacher_margin_over_the_converged_vanilla(fake_out):
     teacher = fake_out / "shared" / "eval" / "teacher"
     teacher.mkdir(parents=True)
     (teacher / "results.json").write_text(json.dumps({**_eval(95.0, lambda i, s: 99.0), "checkpoint_meta": {"val_accuracy": 92.5}}))
-    cfg = _cfg(methods={"vanilla-cont": {"method": {"name": "vanilla"}}, "logitnorm": {"method": {"name": "logitnorm"}}})
-    res = Bench(cfg, fake_out).report()
+    res = Bench(_cfg(), fake_out).report()
     tm = res["results"]["teacher_margin"]
     assert tm["vanilla_val_accuracy"]["mean"] == pytest.approx(90.0) and tm["margin"] == pytest.approx(2.5)
     assert "the teacher is +2.50 points above it" in res["report"]

@@ -193,6 +193,7 @@ def finetune_teacher(
 
     seq = _sequential_stages(teacher)
     tta = teacher.config.tta == "hflip"  # validation (model selection) sees the outputs as they will be used
+    Xva_flip = None  # cached val inputs of the mirrored images (tta with a cache)
     mode = "head" if cfg.backbone_lr is None else ("partial" if cfg.train_blocks is not None else "full")
     timings: dict[str, float] = {}
     model.eval()
@@ -242,9 +243,6 @@ def finetune_teacher(
 
     def forward_cached(x: torch.Tensor) -> torch.Tensor:
         return model.head(features_cached(x))
-
-    if not (cached and tta):
-        Xva_flip = None
 
     groups = [{"params": [p for p in head.parameters()], "lr": cfg.head_lr}]
     if bb:
