@@ -38,6 +38,11 @@ single-thread GEMMs at once (how oaml's workers run); the best is `gemm_peak_gfl
 `roofline_ratio` (wall seconds / roofline seconds; 1.0 = every cycle a GEMM), and `roofline_ratio_cpu`, the same
 in CPU seconds (peak per CPU second; less sensitive to other jobs). --no-roofline skips this.
 
+The float32 roofline is the bound of a float32 search. oaml-torch screens most candidates with a bfloat16
+GEMM where the CPU has native bfloat16 (``bf16_screen`` in its run; exact output all the same, see
+oaml.outliers.knn), so it can run below that roofline; ``bf16_mm_1024_gflops`` is the bfloat16 rate
+on the same shape, for reference.
+
 Results: printed, and written to benchmarks/results/knn_sampling.json (sizes not rerun are kept).
 Measured at the imagenet size on this project's 2-core machine (one thread, shared with other
 jobs): 4,634 s wall (77 min), 4,373 s CPU, i.e. 4.4 s per class and repeat; peak RSS 1,093 MiB
@@ -261,8 +266,17 @@ def gemm_peak(n: int, d: int, seconds: float = 1.5) -> dict:
 
         res[f"mm_1024x{d}x{n}_{threads}x1thr_concurrent"] = timed(together)
         torch.set_num_threads(threads)
-    return {"peak": max(w for w, _ in res.values()), "peak_per_cpu_second": max(c for _, c in res.values()),
-            "shapes_gflops_wall_cpu": res, "threads": threads}
+    out = {"peak": max(w for w, _ in res.values()), "peak_per_cpu_second": max(c for _, c in res.values()),
+           "shapes_gflops_wall_cpu": res, "threads": threads}
+    # for reference: the bfloat16 GEMM rate on the same shape (the torch sampler's screen, where the CPU has it)
+    qb, zb = torch.randn(1024, d).bfloat16(), torch.randn(d, n).bfloat16()
+    torch.mm(qb, zb)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 4:
+        torch.mm(qb, zb)
+        reps += 1
+    out["bf16_mm_1024_gflops"] = 2.0 * 1024 * d * n * reps / 1e9 / (time.perf_counter() - t0)
+    return out
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -290,7 +304,11 @@ def worker(args: argparse.Namespace) -> None:
     gemm = None
     if args.n_used:  # in this process, after the memory figures were read; twice, the better (the load varies)
         gemm = max(gemm_peak(args.n_used, args.dim), gemm_peak(args.n_used, args.dim), key=lambda g: g["peak"])
+    import oaml.outliers.knn as knn
+
+    screen = args.worker == "oaml-torch" and (knn._bf16_gemm_native() if knn.BF16_SCREEN == "auto" else bool(knn.BF16_SCREEN))
     print(json.dumps({
+        "bf16_screen": screen,
         "gemm_peak_gflops": gemm["peak"] if gemm else None, "gemm_peak_detail": gemm,
         "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak, "baseline_rss_mib": base, "working_mib": peak - base,
         "ru_maxrss_mib": maxrss,

@@ -399,6 +399,7 @@ def _spy_searches(monkeypatch):
     return made
 
 
+@pytest.mark.parametrize("screen", [False, True], ids=["fp32", "bf16-screen"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "n, d, kw",
@@ -411,7 +412,8 @@ def _spy_searches(monkeypatch):
         (120, 32, dict(K=20, S=6, N=300, m=2, R=2, sigma=0.25, sigma_reference_dim=768, chunk_size=50)),
     ],
 )
-def test_optimised_sampler_equals_the_previous_implementation(monkeypatch, threads, n, d, kw):
+def test_optimised_sampler_equals_the_previous_implementation(monkeypatch, screen, threads, n, d, kw):
+    monkeypatch.setattr(knn, "BF16_SCREEN", screen)
     rng = np.random.default_rng(n + d)
     Z = torch.from_numpy((rng.normal(size=(n, d)) + 0.5 * rng.normal(size=d)).astype(np.float32))
     if kw["sigma"] < 1e-3:  # duplicated rows: tied d_K among the class points too
@@ -434,12 +436,16 @@ def test_optimised_sampler_equals_the_previous_implementation(monkeypatch, threa
     if kw["N"] >= 500 and kw["sigma"] > 1e-3:  # the fast path pruned: few candidates went through the top-k
         total = cfg.R * cfg.S * cfg.N + n
         assert made[0][0].ranked < 0.5 * total, (made[0][0].ranked, total)
+    assert (made[0][0].screened > 0) == screen  # the bfloat16 screen ran exactly when asked for
 
 
-def test_pruned_search_matches_the_full_ranking_where_it_matters():
+@pytest.mark.parametrize("screen", [False, True], ids=["fp32", "bf16-screen"])
+def test_pruned_search_matches_the_full_ranking_where_it_matters(monkeypatch, screen):
+    monkeypatch.setattr(knn, "BF16_SCREEN", screen)
     rng = np.random.default_rng(3)
     Z = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(300, 32)).astype(np.float32)), dim=1)
     s = knn._TorchSearch(Z, torch.device("cpu"))
+    assert (s.Zt_bf is not None) == screen
     Q = torch.nn.functional.normalize(Z[0] + 0.3 * torch.randn(2000, 32, generator=torch.Generator().manual_seed(1)), dim=1)
     tol = knn._tolerance(32)
     for k, keep, rows in [(25, 2, 1024), (200, 3, 256), (299, 1, 300), (1, 4, 77)]:
@@ -453,6 +459,44 @@ def test_pruned_search_matches_the_full_ranking_where_it_matters():
         torch.testing.assert_close(got[kept], full[kept], atol=1e-5, rtol=0)
         assert kept.sum() < len(Q) / 2  # and most rows were pruned
         assert torch.equal(torch.topk(got, keep).indices.sort().values, torch.topk(full, keep).indices.sort().values)
+
+
+def test_bf16_rounding_up_and_the_error_bound():
+    # _bf16_up: the smallest bfloat16 >= x, for both signs, exact values and values between two bfloat16 numbers
+    for x in [0.0, 1.0, -1.0, 0.7, -0.7, 0.123456, -0.98765, 1e-30, 3.0 + 2.0**-7, 2.0**-8 * 0.999]:
+        b = knn._bf16_up(x)
+        assert b.dtype == torch.bfloat16 and float(b) >= x
+        below = torch.tensor(float(b), dtype=torch.float32).view(torch.int32) - (1 << 16) if float(b) > 0 else \
+            torch.tensor(float(b), dtype=torch.float32).view(torch.int32) + (1 << 16)
+        assert float(below.view(torch.float32)) < x or float(b) == x or float(b) == 0.0
+    # the bound holds on adversarial inputs: unit vectors whose entries round badly to bfloat16, aligned pairs
+    # (|s| near 1: the largest output rounding) and random pairs, at the paper's D=768 and a small D
+    g = torch.Generator().manual_seed(0)
+    for D in (768, 32):
+        A = torch.randn(400, D, generator=g)
+        A += (2.0**-9) * A.sign() * A.abs()  # mantissas near a bfloat16 rounding midpoint
+        A = torch.nn.functional.normalize(A, dim=1)
+        B = torch.cat([A[:100], torch.nn.functional.normalize(A[100:200] + 0.05 * torch.randn(100, D, generator=g), dim=1),
+                       torch.nn.functional.normalize(torch.randn(200, D, generator=g), dim=1)])
+        exact = A.double() @ B.double().T
+        bf = (A.bfloat16() @ B.T.contiguous().bfloat16()).double()
+        assert float((bf - exact).abs().max()) <= knn._bf16_bound(D) - 2 * D * 2.0**-24
+        assert knn._bf16_bound(D) < 0.02
+
+
+def test_a_bf16_gemm_outside_its_bound_switches_the_screen_off(monkeypatch, caplog):
+    monkeypatch.setattr(knn, "BF16_SCREEN", True)
+    rng = np.random.default_rng(4)
+    Z = torch.from_numpy(rng.normal(size=(300, 32)).astype(np.float32))
+    cfg = _cfg(K=30, S=8, N=400, m=2, R=1, sigma=0.2, seed=3)
+    want = sample_class_outliers(Z, cfg)
+    made = _spy_searches(monkeypatch)
+    real = knn._bf16_bound
+    monkeypatch.setattr(knn, "_bf16_bound", lambda D: real(D) * 1e-6)  # as if the GEMM were worse than assumed
+    with caplog.at_level("WARNING", logger="oaml.outliers.knn"):
+        got = sample_class_outliers(Z, cfg)
+    assert torch.equal(got, want)
+    assert made[0][0].Zt_bf is None and "bfloat16 screen is off" in caplog.text
 
 
 def test_a_failing_task_stops_the_workers_and_restores_the_thread_count(monkeypatch):
