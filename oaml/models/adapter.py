@@ -60,6 +60,11 @@ class Classifier(nn.Module):
         f = self.features(x)
         return self.head(f), f
 
+    def maps_and_logits(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """``(feature_maps(x), self(x))``; two passes here, one in models whose logits follow from their last map
+        (ResNet), which override it."""
+        return self.feature_maps(x), self(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 

@@ -98,6 +98,11 @@ class ResNet(Classifier):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(self._maps(x)[-1]), 1)
 
+    def maps_and_logits(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """Feature maps and logits from one pass."""
+        maps = self._maps(x)
+        return maps, self.fc(torch.flatten(self.avgpool(maps[-1]), 1))
+
     def head(self, f: torch.Tensor) -> torch.Tensor:
         return self.fc(f)
 

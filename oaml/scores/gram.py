@@ -60,8 +60,9 @@ class Gram(Score):
     Differences from OpenOOD: OpenOOD hooks every Conv2d and ReLU, stores all train Gram
     features, draws its 10% normalisation split with an unseeded ``random.sample`` and computes
     the full C×C Gram matrix; here the layers are whatever ``feature_maps`` returns, the split is
-    seeded (``seed``), and ``model`` is run twice per batch (``model(x)`` for logits and
-    ``model.feature_maps(x)``), in eval mode under ``torch.no_grad``.
+    seeded (``seed``), and the maps and logits come from ``model.maps_and_logits(x)`` (one pass in
+    oaml's ResNet; ``model.feature_maps(x)`` and ``model(x)`` for other models), in eval mode under
+    ``torch.no_grad``.
     """
 
     name = "gram"
@@ -83,9 +84,13 @@ class Gram(Score):
             x, y = batch, None
         x = x.to(dev)
         check_finite(x, "gram: input batch")
-        logits = model(x).detach().to("cpu", torch.float64)
+        if hasattr(model, "maps_and_logits"):  # one pass where the model can (oaml's ResNet)
+            maps, logits = model.maps_and_logits(x)
+        else:
+            maps, logits = model.feature_maps(x), model(x)
+        logits = logits.detach().to("cpu", torch.float64)
         check_finite(logits, "gram: model logits")
-        feats = [g.cpu() for g in gram_features(model.feature_maps(x), self.powers)]
+        feats = [g.cpu() for g in gram_features(maps, self.powers)]
         for g in feats:
             check_finite(g, "gram: Gram statistics (feature maps)")
         return logits, feats, y
