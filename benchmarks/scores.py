@@ -877,7 +877,7 @@ def time_floors(C, head, tr, va, te, K=50) -> dict:
     index = faiss.IndexFlatL2(D)
     index.add(Xn)
     out["knn_faiss_search_s"] = _best(lambda: index.search(Tn, K), n=1)
-    out["knn_faiss_backend_s"], _, _ = run_ours("knn", C, D, head, tr, va, te, 1, {"backend": "faiss", "K": K})
+    out["knn_faiss_backend_s"], _, _ = run_ours("knn", C, D, head, tr, va, te, {"backend": "faiss", "K": K})
     return out
 
 

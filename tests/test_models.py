@@ -19,6 +19,9 @@ def test_cifar_resnet18_interface():
     assert [t.shape[1] for t in maps] == [16, 16, 32, 64, 128]
     W, b = m.fc_weights()
     assert torch.allclose(feats @ W.T + b, logits, atol=1e-5)
+    maps1, logits1 = m.maps_and_logits(x)  # one pass: the same maps and logits as the two calls
+    assert all(torch.equal(a, b) for a, b in zip(maps1, maps)) and len(maps1) == len(maps)
+    assert torch.equal(logits1, m(x))
 
 
 def test_imagenet_layout_loads_torchvision_weights(tmp_path):
