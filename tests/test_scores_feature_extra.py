@@ -416,6 +416,16 @@ def test_relation_float32_matches_float64(problem):
     np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("pow_", [1, 4])
+def test_relation_blocks_do_not_change_the_score(problem, monkeypatch, pow_):
+    _, tr, te, _ = problem
+    whole = fitted("relation", problem, pow=pow_, dtype="float64").score(te)
+    monkeypatch.setattr(oaml.scores.relation, "_BLOCK", 7 * len(tr))  # blocks of 7 rows, a shorter last one
+    assert len(te) % 7
+    blocked = fitted("relation", problem, pow=pow_, dtype="float64").score(te)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-12)
+
+
 # -------------------------------------------------------------------------------- validation
 
 
