@@ -253,6 +253,20 @@ def test_mds_odin_agrees_with_pytorch_ood_mahalanobis_odin(d):
     np.testing.assert_allclose(s.score(model=d.model, loader=d.loader(d.xid)), ours[0], rtol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(6, 16, 3, 3), (5, 4, 6, 6), (3, 8, 2, 4)])  # HW < C, HW > C, HW = C
+def test_remove_rank1_equals_the_svd(shape):
+    from oaml.scores.rankfeat import remove_rank1
+
+    x = torch.relu(torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)) + 0.1
+    M = x.flatten(2)
+    u, s, vh = torch.linalg.svd(M, full_matrices=False)
+    want = (M - s[:, :1, None] * (u[:, :, :1] @ vh[:, :1, :])).reshape(shape)
+    got = remove_rank1(x)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert remove_rank1(x.float()).dtype == torch.float32
+
+
 def test_rankfeat_agrees_with_pytorch_ood_and_openood(d):
     ours = d.ours("rankfeat", layers="layer4")
     det = pod.RankFeat(backbone=d.upto(4), head=d.head)

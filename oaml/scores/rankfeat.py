@@ -21,7 +21,8 @@ def _l2n(v: torch.Tensor) -> torch.Tensor:
 
 def remove_rank1(fmap: torch.Tensor, method: str = "svd", iterations: int = 20, generator: torch.Generator | None = None) -> torch.Tensor:
     r"""Each sample's (C, HW) matrix minus its leading singular component :math:`\sigma_1 u_1
-    v_1^\top` (float64; returned in ``fmap``'s dtype and shape). ``method="power"``: OpenOOD's
+    v_1^\top` (float64, from the leading eigenvector of the smaller Gram matrix; returned in
+    ``fmap``'s dtype and shape). ``method="power"``: OpenOOD's
     power iteration (``iterations`` steps, one random start shared by the batch, drawn from
     ``generator``) instead of the SVD."""
     if not isinstance(fmap, torch.Tensor) or fmap.ndim < 3:
@@ -29,8 +30,16 @@ def remove_rank1(fmap: torch.Tensor, method: str = "svd", iterations: int = 20, 
                          f"{tuple(fmap.shape) if isinstance(fmap, torch.Tensor) else type(fmap).__name__}")
     M = fmap.flatten(2).to(torch.float64)
     if method == "svd":
-        u, s, vh = torch.linalg.svd(M, full_matrices=False)
-        rank1 = s[:, :1, None] * (u[:, :, :1] @ vh[:, :1, :])
+        # sigma_1 u_1 v_1^T = M v_1 v_1^T = u_1 u_1^T M, with v_1 (u_1) the leading eigenvector of the smaller
+        # Gram matrix M^T M (M M^T): one batched symmetric eigendecomposition of a min(C, HW)-square matrix,
+        # about 2.5x faster than the SVD on 64 x 49 maps, float64 throughout
+        Mt = M.transpose(1, 2)
+        if M.shape[2] <= M.shape[1]:
+            v = torch.linalg.eigh(Mt @ M).eigenvectors[:, :, -1:]  # (B, HW, 1)
+            rank1 = (M @ v) @ v.transpose(1, 2)
+        else:
+            u = torch.linalg.eigh(M @ Mt).eigenvectors[:, :, -1:]  # (B, C, 1)
+            rank1 = u @ (u.transpose(1, 2) @ M)
     else:
         B, C, L = M.shape
         u = torch.randn(1, 1, C, generator=generator, dtype=torch.float64).to(M.device).repeat(B, 1, 1)
