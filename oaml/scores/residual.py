@@ -5,21 +5,22 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-import torch
 
-from ..errors import ConfigError
-from .base import SCORES, FeatureSet, Score, check_number
+from .base import SCORES, FeatureSet
+from .vim import ViM
 
 
 @SCORES.register("residual")
-class Residual(Score):
+class Residual(ViM):
     r"""Negative norm of the feature's residual outside the principal subspace,
 
     .. math:: s(x) = -\| (f - u)\, R \|_2, \qquad u = -W^{+} b,
 
     with :math:`R` the eigenvectors of the uncentred covariance
     :math:`\frac1N\sum (f-u)(f-u)^\top` of ID **train** features outside the top-``dim`` ones
-    (``torch.linalg.eigh``, float64). This is ViM without the energy term.
+    (``torch.linalg.eigh``, float64). This is ViM without the energy term, and it is fitted by ViM's
+    code: float32 GEMMs for large fits when the measured error allows, float64 otherwise (see
+    :class:`~oaml.scores.vim.ViM`, **Precision**; ``precision_`` after fit).
 
     Paper: Wang, Li, Feng & Zhang, "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR
     2022 (the "Residual" baseline). Default ``dim=None``: 256 for features of 512 or more
@@ -41,26 +42,8 @@ class Residual(Score):
     needs_head = True
     grid: ClassVar[dict] = {}
 
-    def __init__(self, dim: int | None = None):
-        super().__init__()
-        self.dim = None if dim is None else check_number("dim", dim, low=1, integer=True, score=self.name)
-
     def _fit(self, data: FeatureSet, W, b) -> None:
-        D = data.feature_dim
-        dim = self.dim if self.dim is not None else (256 if D >= 512 else max(1, D // 2))
-        if dim >= D:
-            raise ConfigError(
-                f"residual: dim={dim} must be < the feature dimension D={D} (allowed: 1..{D - 1}); "
-                "the residual space would be empty"
-            )
-        self.dim_ = dim
-        u = -(torch.linalg.pinv(W) @ b) if b is not None else torch.zeros(D, dtype=torch.float64)
-        X = data.features.detach().to("cpu", torch.float64) - u
-        cov = X.T @ X / X.shape[0]
-        _, evecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-        self.u_ = u
-        self.residual_basis_ = evecs[:, : D - dim].contiguous()  # the smallest D - dim
+        self._fit_residual(data, W, b)
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        X = data.features.detach().to("cpu", torch.float64) - self.u_
-        return (-(X @ self.residual_basis_).norm(dim=1)).numpy()
+        return (-self._vlogit(data.features.detach())).numpy()

@@ -86,13 +86,14 @@ class ViM(Score):
         super().__init__()
         self.dim = None if dim is None else check_number("dim", dim, low=1, integer=True, score=self.name)
 
-    def _fit(self, data: FeatureSet, W, b) -> None:
+    def _fit_residual(self, data: FeatureSet, W, b) -> None:
+        """``u``, the residual basis and ``precision_`` (shared with :class:`~oaml.scores.residual.Residual`)."""
         D = data.feature_dim
         dim = self.dim if self.dim is not None else (256 if D >= 512 else max(1, D // 2))
         self.dim_ = dim
         if dim >= D:
             raise ConfigError(
-                f"vim: dim={dim} must be < the feature dimension D={D} (allowed: 1..{D - 1}); "
+                f"{self.name}: dim={dim} must be < the feature dimension D={D} (allowed: 1..{D - 1}); "
                 "the residual space would be empty"
             )
         u = -(torch.linalg.pinv(W) @ b) if b is not None else torch.zeros(D, dtype=torch.float64)
@@ -100,14 +101,20 @@ class ViM(Score):
         feats = data.features.detach()
         N = feats.shape[0]
         self.precision_ = "float64"
-        vlogit = None
-        if N * D * D >= _f32.FLOAT32_MIN_WORK:
-            vlogit = self._fit32(feats, u, D, dim)
-        if vlogit is None:  # float64, in row chunks (no full float64 copy of the features)
-            cov = _f32.gram64(feats, u) / N
-            evals, evecs = torch.linalg.eigh(cov)  # ascending
-            self.residual_basis_ = evecs[:, : D - dim].contiguous()  # the smallest D - dim
-            vlogit = self._vlogit64(feats)
+        if N * D * D >= _f32.FLOAT32_MIN_WORK and self._fit32(feats, u, D, dim):
+            return
+        cov = _f32.gram64(feats, u) / N  # float64, in row chunks (no full float64 copy of the features)
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        self.residual_basis_ = evecs[:, : D - dim].contiguous()  # the smallest D - dim
+
+    def _vlogit(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N,) float64 residual norms ``|(f - u) R|`` in the fitted precision."""
+        return self._vlogit32(feats) if self.precision_ == "float32" else self._vlogit64(feats)
+
+    def _fit(self, data: FeatureSet, W, b) -> None:
+        self._fit_residual(data, W, b)
+        dim = self.dim_
+        vlogit = self._vlogit(data.features.detach())
         max_logit = data.logits.detach().to("cpu", torch.float64).max(dim=1).values
         denom = float(vlogit.mean())
         if not denom > 0:
@@ -117,8 +124,8 @@ class ViM(Score):
             )
         self.alpha_ = float(max_logit.mean()) / denom
 
-    def _fit32(self, feats: torch.Tensor, u: torch.Tensor, D: int, dim: int) -> torch.Tensor | None:
-        """The float32 fit; None (nothing set) when the error estimates exceed ``tolerance``."""
+    def _fit32(self, feats: torch.Tensor, u: torch.Tensor, D: int, dim: int) -> bool:
+        """The float32 fit; False (nothing set) when the error estimates exceed ``tolerance``."""
         X32 = feats.to(torch.float32)
         N = X32.shape[0]
         zeros = torch.zeros(N, dtype=torch.long)
@@ -136,13 +143,13 @@ class ViM(Score):
             _f32._U32 * math.sqrt(D * float(torch.trace(cov_m)) / res_energy) if res_energy > 0 else math.inf
         )
         if not (self.sensitivity_ <= self.tolerance and rounding <= self.tolerance):
-            return None
+            return False
         self.precision_ = "float32"
         self.residual_basis_ = evecs[:, :n_res].contiguous()
         self._centre32 = m.to(torch.float32)
         self._rt32 = self.residual_basis_.T.contiguous().to(torch.float32)  # (D - dim, D)
         self._r0 = (shift @ self.residual_basis_).to(torch.float32)  # (m - u) R
-        return self._vlogit32(X32)
+        return True
 
     def _vlogit32(self, X: torch.Tensor) -> torch.Tensor:
         out = []
@@ -163,9 +170,6 @@ class ViM(Score):
         )
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        if self.precision_ == "float32":
-            vlogit = self._vlogit32(data.features.detach())
-        else:
-            vlogit = self._vlogit64(data.features.detach())
+        vlogit = self._vlogit(data.features.detach())
         energy = torch.logsumexp(data.logits.detach().to("cpu", torch.float64), dim=1)
         return (energy - self.alpha_ * vlogit).numpy()
