@@ -399,7 +399,14 @@ def _spy_searches(monkeypatch):
     return made
 
 
-@pytest.mark.parametrize("screen", [False, True], ids=["fp32", "bf16-screen"])
+def _set_screen(monkeypatch, screen):
+    """False: float32 search; True: the bfloat16 screen; "columns": its column-chunked form for every class size."""
+    monkeypatch.setattr(knn, "BF16_SCREEN", bool(screen))
+    if screen == "columns":
+        monkeypatch.setattr(knn, "_COLUMN_SCREEN_MIN", 8)
+
+
+@pytest.mark.parametrize("screen", [False, True, "columns"], ids=["fp32", "bf16-screen", "bf16-columns"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "n, d, kw",
@@ -413,7 +420,7 @@ def _spy_searches(monkeypatch):
     ],
 )
 def test_optimised_sampler_equals_the_previous_implementation(monkeypatch, screen, threads, n, d, kw):
-    monkeypatch.setattr(knn, "BF16_SCREEN", screen)
+    _set_screen(monkeypatch, screen)
     rng = np.random.default_rng(n + d)
     Z = torch.from_numpy((rng.normal(size=(n, d)) + 0.5 * rng.normal(size=d)).astype(np.float32))
     if kw["sigma"] < 1e-3:  # duplicated rows: tied d_K among the class points too
@@ -436,16 +443,17 @@ def test_optimised_sampler_equals_the_previous_implementation(monkeypatch, scree
     if kw["N"] >= 500 and kw["sigma"] > 1e-3:  # the fast path pruned: few candidates went through the top-k
         total = cfg.R * cfg.S * cfg.N + n
         assert made[0][0].ranked < 0.5 * total, (made[0][0].ranked, total)
-    assert (made[0][0].screened > 0) == screen  # the bfloat16 screen ran exactly when asked for
+    assert (made[0][0].screened > 0) == bool(screen)  # the bfloat16 screen ran exactly when asked for
+    assert (made[0][0].Zt_bf_cols is not None) == (screen == "columns")
 
 
-@pytest.mark.parametrize("screen", [False, True], ids=["fp32", "bf16-screen"])
+@pytest.mark.parametrize("screen", [False, True, "columns"], ids=["fp32", "bf16-screen", "bf16-columns"])
 def test_pruned_search_matches_the_full_ranking_where_it_matters(monkeypatch, screen):
-    monkeypatch.setattr(knn, "BF16_SCREEN", screen)
+    _set_screen(monkeypatch, screen)
     rng = np.random.default_rng(3)
     Z = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(300, 32)).astype(np.float32)), dim=1)
     s = knn._TorchSearch(Z, torch.device("cpu"))
-    assert (s.Zt_bf is not None) == screen
+    assert (s.Zt_bf is not None) == bool(screen)
     Q = torch.nn.functional.normalize(Z[0] + 0.3 * torch.randn(2000, 32, generator=torch.Generator().manual_seed(1)), dim=1)
     tol = knn._tolerance(32)
     for k, keep, rows in [(25, 2, 1024), (200, 3, 256), (299, 1, 300), (1, 4, 77)]:
