@@ -268,6 +268,7 @@ class _TorchSearch:
         self.Zt_bf = self.Zt.to(torch.bfloat16) if screen and device.type == "cpu" else None
         # large classes are screened a quarter of their columns at a time (_screen_by_columns)
         self.Zt_bf_cols = None
+        self._tls = threading.local()
         if self.Zt_bf is not None and self.n >= _COLUMN_SCREEN_MIN:
             w = -(-self.n // 4)
             self.Zt_bf_cols = [self.Zt_bf[:, a:a + w].contiguous() for a in range(0, self.n, w)]
@@ -414,8 +415,14 @@ class _TorchSearch:
         E = self.bf16_bound
         rows = Qb.shape[0] - p
         first_cols = self.Zt_bf_cols[0]
-        sb = torch.mm(Qb[p:], first_cols)  # (rows, n / 4)
-        mask = torch.empty(rows, first_cols.shape[1])
+        w = first_cols.shape[1]
+        buf = self._column_buffers(rows, w, Qb.shape[1])  # reused: no per-call allocations to fragment the heap
+
+        def view(flat: torch.Tensor, r: int, c: int) -> torch.Tensor:
+            return flat[: r * c].view(r, c)
+
+        sb = torch.mm(Qb[p:], first_cols, out=view(buf["sb0"], rows, w))  # (rows, n / 4)
+        mask = view(buf["mask"], rows, w)
         cnt = torch.gt(sb, _bf16_up(cut + E), out=mask).sum(1)
         pick = min(p, rows)
         first = torch.topk(cnt, pick, largest=False, sorted=False).indices
@@ -426,13 +433,29 @@ class _TorchSearch:
         cnt[first] = float(k)  # ranked already
         alive = (cnt < k).nonzero().squeeze(1)
         for cols in self.Zt_bf_cols[1:]:
-            if not alive.numel():
+            r, wc = alive.numel(), cols.shape[1]
+            if not r:
                 break
-            sbj = torch.mm(Qb.index_select(0, p + alive), cols)
-            c = cnt[alive] + torch.gt(sbj, thr, out=torch.empty(sbj.shape)).sum(1)
+            # rows padded to a multiple of 128 (the padding rows' results are ignored): oneDNN caches a GEMM
+            # primitive, with its own copy of the packed class matrix, per distinct shape, so unpadded row
+            # counts grew the process by ~50 MB per class at n = 5,000 (its cache holds 1,024 of them)
+            rp = min(rows, -(-r // 128) * 128)
+            q = view(buf["q"], rp, Qb.shape[1])
+            torch.index_select(Qb, 0, p + alive, out=q[:r])
+            sbj = torch.mm(q, cols, out=view(buf["sb"], rp, wc))[:r]
+            c = cnt[alive] + torch.gt(sbj, thr, out=view(buf["mask"], r, wc)).sum(1)
             cnt[alive] = c
             alive = alive[c < k]
         rank(p + alive, cut)
+
+    def _column_buffers(self, rows: int, w: int, D: int) -> dict:
+        """This thread's flat buffers for :meth:`_screen_by_columns` (grown when a call needs more rows)."""
+        tl = self._tls
+        if getattr(tl, "rows", -1) < rows:
+            tl.rows = rows
+            tl.bufs = {"sb0": torch.empty(rows * w, dtype=torch.bfloat16), "sb": torch.empty(rows * w, dtype=torch.bfloat16),
+                       "mask": torch.empty(rows * w), "q": torch.zeros(rows * D, dtype=torch.bfloat16)}  # q: padding rows
+        return tl.bufs
 
     def _count(self, rows: int, screened: int = 0) -> None:
         with self._lock:
