@@ -227,6 +227,8 @@ def _bf16_gemm_native() -> bool:
 BF16_SCREEN: bool | str = "auto"
 #: Classes of at least this many vectors are screened a quarter of their columns at a time (see _screen_by_columns).
 _COLUMN_SCREEN_MIN = 2048
+#: ... in this many column chunks
+_COLUMN_CHUNKS = 4
 
 
 def _bf16_bound(D: int) -> float:
@@ -270,7 +272,7 @@ class _TorchSearch:
         self.Zt_bf_cols = None
         self._tls = threading.local()
         if self.Zt_bf is not None and self.n >= _COLUMN_SCREEN_MIN:
-            w = -(-self.n // 4)
+            w = -(-self.n // _COLUMN_CHUNKS)
             self.Zt_bf_cols = [self.Zt_bf[:, a:a + w].contiguous() for a in range(0, self.n, w)]
         self.bf16_bound = _bf16_bound(Z.shape[1])
 
