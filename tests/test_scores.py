@@ -403,7 +403,11 @@ def test_odin_matches_manual_and_restores_model(cnn):
         create_score("odin").score(model=cnn)
 
 
-def test_gram_row_sum_identity():
+@pytest.mark.parametrize("chunk_bytes", [1 << 21, 8 * 4 * 25 * 2])  # one chunk; chunks of 2 samples, a shorter last
+def test_gram_row_sum_identity(monkeypatch, chunk_bytes):
+    import oaml.scores.gram
+
+    monkeypatch.setattr(oaml.scores.gram, "_GRAM_CHUNK_BYTES", chunk_bytes)
     g = torch.Generator().manual_seed(2)
     m = torch.relu(torch.randn(3, 4, 5, 5, generator=g))
     (out,) = gram_features([m], 3)
