@@ -219,7 +219,7 @@ def _bf16_gemm_native() -> bool:
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
                     and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
-    except AttributeError:  # a torch without these probes
+    except (AttributeError, RuntimeError):  # a torch without these probes, or one that cannot answer: no screen
         return False
 
 
