@@ -444,7 +444,7 @@ def test_optimised_sampler_equals_the_previous_implementation(monkeypatch, scree
         total = cfg.R * cfg.S * cfg.N + n
         assert made[0][0].ranked < 0.5 * total, (made[0][0].ranked, total)
     assert (made[0][0].screened > 0) == bool(screen)  # the bfloat16 screen ran exactly when asked for
-    assert (made[0][0].Zt_bf_cols is not None) == (screen == "columns")
+    assert (made[0][0].Zt_bf_cols is not None and len(made[0][0].Zt_bf_cols) > 1) == (screen == "columns")
 
 
 @pytest.mark.parametrize("screen", [False, True, "columns"], ids=["fp32", "bf16-screen", "bf16-columns"])
@@ -504,7 +504,7 @@ def test_a_bf16_gemm_outside_its_bound_switches_the_screen_off(monkeypatch, capl
     with caplog.at_level("WARNING", logger="oaml.outliers.knn"):
         got = sample_class_outliers(Z, cfg)
     assert torch.equal(got, want)
-    assert made[0][0].Zt_bf is None and "bfloat16 screen is off" in caplog.text
+    assert made[0][0].Zt_bf is None and made[0][0].Zt_bf_cols is None and "bfloat16 screen is off" in caplog.text
 
 
 def test_a_failing_task_stops_the_workers_and_restores_the_thread_count(monkeypatch):

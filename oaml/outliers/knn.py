@@ -268,11 +268,11 @@ class _TorchSearch:
         self._lock = threading.Lock()
         screen = _bf16_gemm_native() if BF16_SCREEN == "auto" else bool(BF16_SCREEN)
         self.Zt_bf = self.Zt.to(torch.bfloat16) if screen and device.type == "cpu" else None
-        # large classes are screened a quarter of their columns at a time (_screen_by_columns)
+        # the screen's column chunks (_screen_by_columns): a quarter of a large class each, else the whole class
         self.Zt_bf_cols = None
         self._tls = threading.local()
-        if self.Zt_bf is not None and self.n >= _COLUMN_SCREEN_MIN:
-            w = -(-self.n // _COLUMN_CHUNKS)
+        if self.Zt_bf is not None:
+            w = -(-self.n // (_COLUMN_CHUNKS if self.n >= _COLUMN_SCREEN_MIN else 1))
             self.Zt_bf_cols = [self.Zt_bf[:, a:a + w].contiguous() for a in range(0, self.n, w)]
         self.bf16_bound = _bf16_bound(Z.shape[1])
 
@@ -373,46 +373,23 @@ class _TorchSearch:
         if not err <= E:
             log.warning("k-NN sampler: bfloat16 GEMM error %.3g above its bound %.3g on this machine; "
                         "the bfloat16 screen is off, the float32 search runs", err, E)
-            self.Zt_bf = None
+            self.Zt_bf = self.Zt_bf_cols = None
             return self.top_kth_d2(Q, k, keep, tol, block_rows)
-        cut = _prune_cut(out[:p], keep, tol)
-        if self.Zt_bf_cols is not None:
-            self._screen_by_columns(Qb, k, keep, tol, p, cut, rank, out)
-            self._count(ranked, screened=M - p)
-            return out
-        block = max(p, min(M, (4 << 20) // (2 * self.n)))
-        mask = torch.empty(min(block, M - p), self.n)  # float 0/1: its row sums are the fastest exact counts
-        a = p
-        while a < M:
-            b = min(M, a + block)
-            sb = torch.mm(Qb[a:b], self.Zt_bf)
-            cnt = torch.gt(sb, _bf16_up(cut + E), out=mask[:b - a]).sum(1)
-            live = (cnt < k).nonzero().squeeze(1)
-            if live.numel() > p:  # rank the likeliest-farthest first (fewest similarities above the cut)
-                first = live[torch.topk(cnt[live], p, largest=False, sorted=False).indices]
-                rank(a + first, cut)
-                cut = _prune_cut(out[:b], keep, tol)
-                rest = torch.ones(b - a, dtype=torch.bool)
-                rest[first] = False
-                rest &= torch.gt(sb, _bf16_up(cut + E), out=mask[:b - a]).sum(1) < k
-                live = rest.nonzero().squeeze(1)
-            rank(a + live, cut)
-            if b < M:
-                cut = _prune_cut(out[:b], keep, tol)
-            a = b
+        self._screen_by_columns(Qb, k, keep, tol, p, _prune_cut(out[:p], keep, tol), rank, out)
         self._count(ranked, screened=M - p)
         return out
 
     def _screen_by_columns(self, Qb: torch.Tensor, k: int, keep: int, tol: float, p: int, cut: float,
                            rank: Callable[[torch.Tensor, Optional[float]], None], out: torch.Tensor) -> None:
-        """The bfloat16 screen of rows ``p:`` for a large class, a quarter of its columns at a time.
+        """The bfloat16 screen of rows ``p:``, a chunk of the class's columns at a time (a quarter of a class
+        of ``_COLUMN_SCREEN_MIN`` vectors or more, else the whole class in one chunk).
 
         A row's count of bfloat16 similarities above ``cut + E`` only grows with the columns seen, so a row
         that reaches ``k`` on part of the class is pruned without the rest (at n = 5,000, K = 300 about 80%
         of the candidates are decided on half the class: the screen's GEMM shrinks by about half). The
-        first quarter of every row is computed at once; its counts pick the likeliest-farthest rows, ranked
+        first chunk of every row is computed at once; its counts pick the likeliest-farthest rows, ranked
         first (float32) to raise the cut, and then every row is counted against the raised cut; the
-        remaining quarters only for the rows still undecided. The rows never pruned are ranked in float32.
+        remaining chunks only for the rows still undecided. The rows never pruned are ranked in float32.
         """
         E = self.bf16_bound
         rows = Qb.shape[0] - p
@@ -455,8 +432,9 @@ class _TorchSearch:
         tl = self._tls
         if getattr(tl, "rows", -1) < rows:
             tl.rows = rows
-            tl.bufs = {"sb0": torch.empty(rows * w, dtype=torch.bfloat16), "sb": torch.empty(rows * w, dtype=torch.bfloat16),
-                       "mask": torch.empty(rows * w), "q": torch.zeros(rows * D, dtype=torch.bfloat16)}  # q: padding rows
+            tl.bufs = {"sb0": torch.empty(rows * w, dtype=torch.bfloat16), "mask": torch.empty(rows * w)}
+            if len(self.Zt_bf_cols) > 1:  # the later chunks' undecided rows (q: zeros in the padding rows)
+                tl.bufs.update(sb=torch.empty(rows * w, dtype=torch.bfloat16), q=torch.zeros(rows * D, dtype=torch.bfloat16))
         return tl.bufs
 
     def _count(self, rows: int, screened: int = 0) -> None:
