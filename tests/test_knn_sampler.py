@@ -2,6 +2,7 @@
 the optimised sampler with the implementation it replaced (kept here as the reference)."""
 
 import builtins
+import itertools
 import logging
 
 import numpy as np
@@ -444,7 +445,7 @@ def test_optimised_sampler_equals_the_previous_implementation(monkeypatch, scree
         total = cfg.R * cfg.S * cfg.N + n
         assert made[0][0].ranked < 0.5 * total, (made[0][0].ranked, total)
     assert (made[0][0].screened > 0) == bool(screen)  # the bfloat16 screen ran exactly when asked for
-    assert (made[0][0].Zt_bf_cols is not None and len(made[0][0].Zt_bf_cols) > 1) == (screen == "columns")
+    assert (len(knn._column_plan(n, 5, ordered=False)) > 1) == (screen == "columns")
 
 
 @pytest.mark.parametrize("screen", [False, True, "columns"], ids=["fp32", "bf16-screen", "bf16-columns"])
@@ -453,11 +454,13 @@ def test_pruned_search_matches_the_full_ranking_where_it_matters(monkeypatch, sc
     rng = np.random.default_rng(3)
     Z = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(300, 32)).astype(np.float32)), dim=1)
     s = knn._TorchSearch(Z, torch.device("cpu"))
-    assert (s.Zt_bf is not None) == bool(screen)
+    assert (s.Z_bf is not None) == bool(screen)
     Q = torch.nn.functional.normalize(Z[0] + 0.3 * torch.randn(2000, 32, generator=torch.Generator().manual_seed(1)), dim=1)
     tol = knn._tolerance(32)
-    for k, keep, rows in [(25, 2, 1024), (200, 3, 256), (299, 1, 300), (1, 4, 77)]:
-        got = s.top_kth_d2(Q, k, keep, tol, rows)
+    # the class's columns as they come, nearest-first to the queries' centre (the sampler's order), in any order
+    orders = [None, torch.argsort(Z @ Z[0], descending=True), torch.randperm(300, generator=torch.Generator().manual_seed(2))]
+    for (k, keep, rows), order in itertools.product([(25, 2, 1024), (200, 3, 256), (299, 1, 300), (1, 4, 77)], orders):
+        got = s.top_kth_d2(Q, k, keep, tol, rows, order=order)
         full = 2.0 - 2.0 * s.kth_sim(Q, k)
         thr = torch.topk(full, keep).values[-1]
         kept = got > -np.inf
@@ -504,7 +507,7 @@ def test_a_bf16_gemm_outside_its_bound_switches_the_screen_off(monkeypatch, capl
     with caplog.at_level("WARNING", logger="oaml.outliers.knn"):
         got = sample_class_outliers(Z, cfg)
     assert torch.equal(got, want)
-    assert made[0][0].Zt_bf is None and made[0][0].Zt_bf_cols is None and "bfloat16 screen is off" in caplog.text
+    assert made[0][0].Z_bf is None and "bfloat16 screen is off" in caplog.text
 
 
 def test_a_failing_task_stops_the_workers_and_restores_the_thread_count(monkeypatch):

@@ -225,10 +225,28 @@ def _bf16_gemm_native() -> bool:
 
 #: The bfloat16 screen of the torch search on the CPU: "auto" (on where the CPU has native bfloat16 GEMMs), True, False.
 BF16_SCREEN: bool | str = "auto"
-#: Classes of at least this many vectors are screened a quarter of their columns at a time (see _screen_by_columns).
+#: Classes of at least this many vectors are screened a quarter of their columns at a time (see _column_plan).
 _COLUMN_SCREEN_MIN = 2048
 #: ... in this many column chunks
 _COLUMN_CHUNKS = 4
+
+
+def _column_plan(n: int, k: int, ordered: bool) -> list[tuple[int, int]]:
+    """Column ranges of the bfloat16 screen of a class of ``n`` vectors for the k-th similarity.
+
+    ``ordered``: the columns come nearest-first for the query rows (see :meth:`_TorchSearch.top_kth_d2`); the first
+    chunk holds about 2k of them (a multiple of 128), the next as many, then chunks of twice that. Else a quarter of
+    a class of ``_COLUMN_SCREEN_MIN`` vectors or more at a time, or the whole class in one chunk.
+    """
+    if ordered:
+        w = min(n, -(-2 * k // 128) * 128)
+        bounds = [0, w] + ([min(n, 2 * w)] if w < n else [])
+        while bounds[-1] < n:
+            bounds.append(min(n, bounds[-1] + 2 * w))
+    else:
+        w = -(-n // (_COLUMN_CHUNKS if n >= _COLUMN_SCREEN_MIN else 1))
+        bounds = list(range(0, n, w)) + [n]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _bf16_bound(D: int) -> float:
@@ -267,13 +285,9 @@ class _TorchSearch:
         self.screened = 0  # rows that went through the bfloat16 screen of top_kth_d2
         self._lock = threading.Lock()
         screen = _bf16_gemm_native() if BF16_SCREEN == "auto" else bool(BF16_SCREEN)
-        self.Zt_bf = self.Zt.to(torch.bfloat16) if screen and device.type == "cpu" else None
-        # the screen's column chunks (_screen_by_columns): a quarter of a large class each, else the whole class
-        self.Zt_bf_cols = None
+        # the class in bfloat16, one vector per row: the screen's column chunks are row slices (or row gathers)
+        self.Z_bf = Z.to(device, torch.bfloat16).contiguous() if screen and device.type == "cpu" else None
         self._tls = threading.local()
-        if self.Zt_bf is not None:
-            w = -(-self.n // (_COLUMN_CHUNKS if self.n >= _COLUMN_SCREEN_MIN else 1))
-            self.Zt_bf_cols = [self.Zt_bf[:, a:a + w].contiguous() for a in range(0, self.n, w)]
         self.bf16_bound = _bf16_bound(Z.shape[1])
 
     def _kth_of(self, sims: torch.Tensor, k: int) -> torch.Tensor:
@@ -283,7 +297,7 @@ class _TorchSearch:
         return torch.topk(sims, self.n - k + 1, dim=1, largest=False, sorted=False).values.amax(dim=1)
 
     def top_kth_d2(self, Q: torch.Tensor, k: int, keep: int, tol: float, block_rows: int,
-                   buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   buf: Optional[torch.Tensor] = None, order: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Fast-pass squared d_K of the rows of ``Q`` (M, D) for ``_select_top(., keep, tol)``: (M,) float32.
 
         Equals ``2 - 2 * kth_sim(Q, k)`` on every row that the selection could shortlist; every
@@ -296,10 +310,13 @@ class _TorchSearch:
         percent at the paper's settings) go through the much dearer top-k. ``thr`` is raised after
         every block. GEMM blocks of ``block_rows`` rows stay in cache (``buf``: reusable buffers,
         (2, block_rows, n) float32: similarities and the 0/1 mask, whose float sum is the fastest count).
+        ``order`` (optional): the class's rows, likeliest-nearest to the queries first (e.g. by similarity to
+        the point the queries were drawn around); the bfloat16 screen then counts the nearest columns first, where
+        a close row reaches ``k`` soonest. Any permutation gives the same result.
         """
         M = Q.shape[0]
-        if self.Zt_bf is not None and M > _probe_rows(M, keep):
-            return self._top_kth_d2_bf16(Q, k, keep, tol, block_rows)
+        if self.Z_bf is not None and M > _probe_rows(M, keep):
+            return self._top_kth_d2_bf16(Q, k, keep, tol, block_rows, order)
         out = torch.full((M,), -math.inf, device=self.device)
         if buf is None or buf.shape[1] < min(block_rows, M):
             buf = torch.empty(2, min(block_rows, M), self.n, device=self.device)
@@ -334,107 +351,96 @@ class _TorchSearch:
         self._count(ranked)
         return out
 
-    def _top_kth_d2_bf16(self, Q: torch.Tensor, k: int, keep: int, tol: float, block_rows: int) -> torch.Tensor:
+    def _top_kth_d2_bf16(self, Q: torch.Tensor, k: int, keep: int, tol: float, block_rows: int,
+                         order: Optional[torch.Tensor]) -> torch.Tensor:
         """:meth:`top_kth_d2` with a bfloat16 screen: the same values on every row that could be shortlisted.
 
         The pruning test of top_kth_d2 (at least ``k`` float32 similarities above ``cut``) is decided on a
         bfloat16 GEMM (about 4x the float32 rate) where it is certain: a row with ``k`` bfloat16 similarities
         above ``cut + E`` (E = :func:`_bf16_bound`, a rigorous bound on the bfloat16 error) has ``k`` float32
-        similarities above ``cut``. Only the other rows get the float32 GEMM and the test of top_kth_d2. The cut
-        rises fastest when the likely-farthest rows are ranked first: after the probe, the rows with the
-        fewest bfloat16 similarities above the cut. The bound is checked on the probe rows (float32 and
-        bfloat16 similarities both computed); were it ever exceeded, the screen is switched off for this search
-        (logged) and the float32 search runs instead. Blocks of rows keep the bfloat16 similarities under ~4 MB.
+        similarities above ``cut``. The class's columns are screened a chunk at a time (:func:`_column_plan`;
+        with ``order``, in that order): a row's count only grows with the columns seen, so a row that reaches
+        ``k`` on part of the class is pruned without the rest. Unordered, at n = 5,000, K = 300 about 80% of the
+        candidates are decided on half the class; with the columns ordered by their similarity to the
+        candidates' centre, about 90% are decided on the first 640 columns and 97% on 1,280 (a third of the
+        unordered screen's GEMM).
+
+        The first chunk of every row is computed at once. The rows with the smallest sum of its similarities
+        (likeliest farthest) are ranked first, in full and in float32, which sets a high cut at once; on them
+        the bound is checked (float32 and bfloat16 similarities of the whole class): were it ever exceeded, the
+        screen is switched off for this search (logged) and the float32 search runs instead. Then every row is
+        counted against the cut, the later chunks only for the rows still undecided, and the rows never pruned
+        are ranked in float32 (with the float32 pruning test).
         """
-        M = Q.shape[0]
+        M, D = Q.shape
         out = torch.full((M,), -math.inf)
         Qb = Q.to(torch.bfloat16)
         E = self.bf16_bound
-        ranked = 0
-
-        def rank(rows: torch.Tensor, cut: Optional[float]) -> None:
-            """Float32 fast pass of ``rows`` (the pruning test of top_kth_d2 when ``cut`` is given)."""
-            nonlocal ranked
-            if not rows.numel():
-                return
-            sims = torch.mm(Q.index_select(0, rows), self.Zt)
-            if cut is not None:
-                live = (torch.gt(sims, cut).sum(1) < k).nonzero().squeeze(1)
-                rows, sims = rows[live], sims.index_select(0, live)
-            if rows.numel():
-                out[rows] = 2.0 - 2.0 * self._kth_of(sims, k)
-                ranked += rows.numel()
-
-        p = _probe_rows(M, keep)
-        sims = torch.mm(Q[:p], self.Zt)
-        out[:p] = 2.0 - 2.0 * self._kth_of(sims, k)
-        ranked += p
-        err = float((torch.mm(Qb[:p], self.Zt_bf).float() - sims).abs().max())
-        if not err <= E:
-            log.warning("k-NN sampler: bfloat16 GEMM error %.3g above its bound %.3g on this machine; "
-                        "the bfloat16 screen is off, the float32 search runs", err, E)
-            self.Zt_bf = self.Zt_bf_cols = None
-            return self.top_kth_d2(Q, k, keep, tol, block_rows)
-        self._screen_by_columns(Qb, k, keep, tol, p, _prune_cut(out[:p], keep, tol), rank, out)
-        self._count(ranked, screened=M - p)
-        return out
-
-    def _screen_by_columns(self, Qb: torch.Tensor, k: int, keep: int, tol: float, p: int, cut: float,
-                           rank: Callable[[torch.Tensor, Optional[float]], None], out: torch.Tensor) -> None:
-        """The bfloat16 screen of rows ``p:``, a chunk of the class's columns at a time (a quarter of a class
-        of ``_COLUMN_SCREEN_MIN`` vectors or more, else the whole class in one chunk).
-
-        A row's count of bfloat16 similarities above ``cut + E`` only grows with the columns seen, so a row
-        that reaches ``k`` on part of the class is pruned without the rest (at n = 5,000, K = 300 about 80%
-        of the candidates are decided on half the class: the screen's GEMM shrinks by about half). The
-        first chunk of every row is computed at once; its counts pick the likeliest-farthest rows, ranked
-        first (float32) to raise the cut, and then every row is counted against the raised cut; the
-        remaining chunks only for the rows still undecided. The rows never pruned are ranked in float32.
-        """
-        E = self.bf16_bound
-        rows = Qb.shape[0] - p
-        first_cols = self.Zt_bf_cols[0]
-        w = first_cols.shape[1]
-        buf = self._column_buffers(rows, w, Qb.shape[1])  # reused: no per-call allocations to fragment the heap
+        plan = _column_plan(self.n, k, order is not None)
+        w = plan[0][1]
+        buf = self._column_buffers(M, w, max(b - a for a, b in plan), D, later=len(plan) > 1, gather=order is not None)
 
         def view(flat: torch.Tensor, r: int, c: int) -> torch.Tensor:
             return flat[: r * c].view(r, c)
 
-        sb = torch.mm(Qb[p:], first_cols, out=view(buf["sb0"], rows, w))  # (rows, n / 4)
-        mask = view(buf["mask"], rows, w)
-        cnt = torch.gt(sb, _bf16_up(cut + E), out=mask).sum(1)
-        pick = min(p, rows)
-        first = torch.topk(cnt, pick, largest=False, sorted=False).indices
-        rank(p + first, cut)
+        def columns(a: int, b: int) -> torch.Tensor:
+            """(b - a, D): the class vectors of chunk [a, b) (in ``order``, when given)."""
+            if order is None:
+                return self.Z_bf[a:b]
+            return torch.index_select(self.Z_bf, 0, order[a:b], out=view(buf["cols"], b - a, D))
+
+        sb = torch.mm(Qb, columns(0, w).t(), out=view(buf["sb0"], M, w))  # (M, first chunk)
+        first = torch.topk(sb.sum(1, dtype=torch.float32), _probe_rows(M, keep), largest=False, sorted=False).indices
+        sims = torch.mm(Q.index_select(0, first), self.Zt)
+        out[first] = 2.0 - 2.0 * self._kth_of(sims, k)
+        err = float((torch.mm(Qb.index_select(0, first), self.Z_bf.t()).float() - sims).abs().max())
+        if not err <= E:
+            log.warning("k-NN sampler: bfloat16 GEMM error %.3g above its bound %.3g on this machine; "
+                        "the bfloat16 screen is off, the float32 search runs", err, E)
+            self.Z_bf = None
+            return self.top_kth_d2(Q, k, keep, tol, block_rows)
         cut = _prune_cut(out, keep, tol)
         thr = _bf16_up(cut + E)
-        cnt = torch.gt(sb, thr, out=mask).sum(1)
+        cnt = torch.gt(sb, thr, out=view(buf["mask"], M, w)).sum(1)
         cnt[first] = float(k)  # ranked already
         alive = (cnt < k).nonzero().squeeze(1)
-        for cols in self.Zt_bf_cols[1:]:
-            r, wc = alive.numel(), cols.shape[1]
+        for a, b in plan[1:]:
+            r, wc = alive.numel(), b - a
             if not r:
                 break
             # rows padded to a multiple of 128 (the padding rows' results are ignored): oneDNN caches a GEMM
             # primitive, with its own copy of the packed class matrix, per distinct shape, so unpadded row
             # counts grew the process by ~50 MB per class at n = 5,000 (its cache holds 1,024 of them)
-            rp = min(rows, -(-r // 128) * 128)
-            q = view(buf["q"], rp, Qb.shape[1])
-            torch.index_select(Qb, 0, p + alive, out=q[:r])
-            sbj = torch.mm(q, cols, out=view(buf["sb"], rp, wc))[:r]
+            rp = min(M, -(-r // 128) * 128)
+            q = view(buf["q"], rp, D)
+            torch.index_select(Qb, 0, alive, out=q[:r])
+            sbj = torch.mm(q, columns(a, b).t(), out=view(buf["sb"], rp, wc))[:r]
             c = cnt[alive] + torch.gt(sbj, thr, out=view(buf["mask"], r, wc)).sum(1)
             cnt[alive] = c
             alive = alive[c < k]
-        rank(p + alive, cut)
+        ranked = first.numel()
+        if alive.numel():  # the float32 pass and its pruning test
+            sims = torch.mm(Q.index_select(0, alive), self.Zt)
+            live = (torch.gt(sims, cut).sum(1) < k).nonzero().squeeze(1)
+            if live.numel():
+                out[alive[live]] = 2.0 - 2.0 * self._kth_of(sims.index_select(0, live), k)
+                ranked += live.numel()
+        self._count(ranked, screened=M)
+        return out
 
-    def _column_buffers(self, rows: int, w: int, D: int) -> dict:
-        """This thread's flat buffers for :meth:`_screen_by_columns` (grown when a call needs more rows)."""
+    def _column_buffers(self, rows: int, first: int, widest: int, D: int, later: bool, gather: bool) -> dict:
+        """This thread's flat buffers for :meth:`_screen_by_columns`, each grown when a call needs more."""
         tl = self._tls
-        if getattr(tl, "rows", -1) < rows:
-            tl.rows = rows
-            tl.bufs = {"sb0": torch.empty(rows * w, dtype=torch.bfloat16), "mask": torch.empty(rows * w)}
-            if len(self.Zt_bf_cols) > 1:  # the later chunks' undecided rows (q: zeros in the padding rows)
-                tl.bufs.update(sb=torch.empty(rows * w, dtype=torch.bfloat16), q=torch.zeros(rows * D, dtype=torch.bfloat16))
+        if not hasattr(tl, "bufs"):
+            tl.bufs = {}
+        need = {"sb0": (rows * first, torch.bfloat16), "mask": (rows * widest, torch.float32)}
+        if later:  # the later chunks' undecided rows
+            need.update(sb=(rows * widest, torch.bfloat16), q=(rows * D, torch.bfloat16))  # q: zeros in padding rows
+        if gather:
+            need["cols"] = (widest * D, torch.bfloat16)
+        for name, (size, dtype) in need.items():
+            if name not in tl.bufs or tl.bufs[name].numel() < size:
+                tl.bufs[name] = torch.zeros(size, dtype=dtype)
         return tl.bufs
 
     def _count(self, rows: int, screened: int = 0) -> None:
@@ -787,6 +793,7 @@ def _farthest_candidates(search: _TorchSearch, generator: torch.Generator, Bpts:
     workers = max(1, min(threads, tasks)) if _openmp_backend() else 1
     local = threading.local()
     turnstile = _Turnstile()
+    centre_sims = torch.mm(Bpts, search.Zt) if search.Z_bf is not None else None  # (S, n)
 
     def task(t: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not hasattr(local, "cand"):  # per-thread buffers
@@ -798,7 +805,9 @@ def _farthest_candidates(search: _TorchSearch, generator: torch.Generator, Bpts:
         i = t % S
         _candidates(Bpts[i:i + 1], cand[None], sigma, inplace=True)
         # (full float32 GEMMs: the caller holds _full_fp32, a process-wide setting, for the whole call)
-        approx = search.top_kth_d2(cand, K, m, tol, block_rows, local.buf)
+        # the class nearest-first to this boundary point, around which the candidates lie (for the bfloat16 screen)
+        order = None if search.Z_bf is None else torch.argsort(centre_sims[i], descending=True)
+        approx = search.top_kth_d2(cand, K, m, tol, block_rows, local.buf, order=order)
         _, cols = _shortlist(approx[None], m, tol)
         return cols, cand[cols]  # a copy: the buffers are reused
 
@@ -888,7 +897,10 @@ def sample_class_outliers(Z: torch.Tensor, cfg: KNNSamplerConfig | None = None,
         # the fast path (pruned search, worker threads): torch backend on the CPU; else the chunked search
         fast = search.name == "torch" and compute.type == "cpu"
         if fast:  # rows that cannot be among the S farthest are pruned (set to -inf)
-            approx = search.top_kth_d2(Zc, kq, S, tol, _block_rows(n, rows_per_chunk)).float().cpu()
+            # the bfloat16 screen counts the columns nearest the class mean first (the class's core, where most
+            # rows find their K neighbours: at n = 5,000 it screens ~20% faster than in storage order)
+            order = None if search.Z_bf is None else torch.argsort(Zc @ Zc.mean(0), descending=True)
+            approx = search.top_kth_d2(Zc, kq, S, tol, _block_rows(n, rows_per_chunk), order=order).float().cpu()
         else:
             approx = torch.empty(n)
             for a in range(0, n, rows_per_chunk):
