@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import torch
 
-from .ash import energy_through_head
-from .base import SCORES, FeatureSet, Score, check_number, chunk_rows, mean64
+from .base import SCORES, FeatureSet, Score, checked_mean32, check_number
 
 
 @SCORES.register("dice")
@@ -28,13 +28,16 @@ class DICE(Score):
 
     Fit on ID **train** (``fit_on="train"``, no labels), needs ``head=(W, b)`` (``b=None``:
     no bias). The FeatureSet's logits are not used. Same as OpenOOD (``np.percentile``, strict
-    ``>``) and pytorch-ood's ``DICE`` (``torch.quantile``, also linear; float32; negated), up to
-    float64 here.
+    ``>``) and pytorch-ood's ``DICE`` (``torch.quantile``, also linear; float32; negated). The train
+    mean and the masked head's GEMM are float32, as both peers (the mean a cascaded sum; a logit's
+    absolute error at most about D u |f| |w_c|, u = 2^-24, and the log-sum-exp's no more than the
+    largest of them); the contributions, percentile and log-sum-exp are float64.
     """
 
     name = "dice"
     fit_on = "train"
     uses = ("features",)
+    fit_checks_inline = ("features",)  # from the train mean
     needs_head = True
     grid: ClassVar[dict] = {"p": [10, 30, 50, 70, 90]}
 
@@ -43,14 +46,18 @@ class DICE(Score):
         self.p = check_number("p", p, low=0.0, high=100.0, high_open=True, score=self.name)
 
     def _fit(self, data: FeatureSet, W, b) -> None:
-        mean = mean64(data.features, chunk=chunk_rows(data.feature_dim))
+        mean = checked_mean32(data.features, "dice.fit(): features").to(torch.float64)
         contrib = mean[None, :] * W
         self.threshold_ = float(np.percentile(contrib.numpy().ravel(), self.p))
         mask = contrib > self.threshold_
         self.kept_fraction_ = float(mask.double().mean())
         self.mean_activation_ = mean
         self._W = W * mask
+        self._W32 = self._W.to(torch.float32).t()
         self._b = b
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        return energy_through_head(data.features.detach(), self._W, self._b).numpy()
+        z = torch.mm(data.features.detach().to(torch.float32), self._W32).to(torch.float64)  # (N, C), one GEMM
+        if self._b is not None:
+            z += self._b
+        return torch.logsumexp(z, dim=1).numpy()

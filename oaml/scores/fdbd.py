@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, ShapeError
-from .base import SCORES, FeatureSet, Score, chunk_rows, mean64, row_chunks
+from .base import FLOAT32_CHUNK_ELEMS, SCORES, FeatureSet, Score, check_finite, checked_mean32, chunk_rows
 
 
 @SCORES.register("fdbd")
@@ -34,13 +34,17 @@ class FDBD(Score):
     OpenOOD's ``fdbd_postprocessor.py`` sums without the 1/(C-1) (a constant: same ranking);
     pytorch-ood 0.4.0's ``fDBD`` recomputes the logits with ``head(z)`` in float32, has only the
     train-mean normaliser and returns the negation. The normaliser is clamped at 1e-12 (pytorch-ood:
-    1e-8; OpenOOD: none, inf).
+    1e-8; OpenOOD: none, inf). Computed in float32, as both peers (the train mean too, a cascaded
+    float32 sum); the result is returned as float64.
     """
 
     name = "fdbd"
     fit_on = "train"
     needs_head = True
     grid: ClassVar[dict] = {"distance_as_normalizer": [True, False]}
+    checks_inline = ("logits", "features")  # from each chunk's sums and norms
+    fit_uses = ("features",)
+    fit_checks_inline = ("features",)  # from the train mean
 
     def __init__(self, distance_as_normalizer: bool = True):
         super().__init__()
@@ -60,23 +64,31 @@ class FDBD(Score):
             p, c = [int(v) for v in torch.nonzero((denom == 0) & off)[0]]
             raise DataError(f"fdbd: classes {p} and {c} have identical head weights (no decision boundary)")
         denom[~off] = 1.0
-        self._denom = denom
-        self.train_mean_ = mean64(data.features, chunk=chunk_rows(data.feature_dim))
+        self._denom = denom.to(torch.float32)
+        self.train_mean_ = checked_mean32(data.features, "fdbd.fit(): features")
 
     def _score(self, data: FeatureSet) -> np.ndarray:
-        Z, X = data.logits.detach(), data.features.detach()
+        Z, X = data.logits.detach().cpu(), data.features.detach().cpu()
         n, C = Z.shape
-        width = max(X.shape[1], C)
         out = torch.empty(n, dtype=torch.float64)
-        # float64 temporaries of one row chunk at a time, the features' upcast into a reused buffer
-        buf = torch.empty(min(chunk_rows(width), n), X.shape[1], dtype=torch.float64)
-        for sl in row_chunks(n, width):
-            z = Z[sl].to(torch.float64, copy=True)  # a copy: changed in place below
+        # float32 (as both peers) in row chunks: the numerator's terms are positive, so its relative error
+        # is that of C roundings; the normaliser's is about (D + |mu| / |f - mu|) u (u = 2^-24)
+        step = chunk_rows(X.shape[1], FLOAT32_CHUNK_ELEMS)
+        buf = torch.empty(min(step, n), X.shape[1])
+        for a in range(0, n, step):
+            z = Z[a : a + step].to(torch.float32, copy=True)  # a copy: changed in place below
             zmax, pred = z.max(dim=1)
-            dist = z.neg_().add_(zmax[:, None]).div_(self._denom[pred]).sum(dim=1) / (C - 1)
-            ref = buf[: z.shape[0]]
-            ref.copy_(X[sl])
+            dist = z.neg_().add_(zmax[:, None]).div_(self._denom[pred]).sum(dim=1).div_(C - 1)
+            f = buf[: z.shape[0]]
             if self.distance_as_normalizer:
-                ref.sub_(self.train_mean_)
-            out[sl] = dist / torch.linalg.vector_norm(ref, dim=1).clamp_min(1e-12)
+                torch.sub(X[a : a + step], self.train_mean_, out=f)
+            else:
+                f.copy_(X[a : a + step])
+            norm = torch.linalg.vector_norm(f, dim=1)
+            # a NaN or inf input makes its row's sum or norm non-finite: then the exact check of the chunk
+            if not bool(torch.isfinite(dist).all()):
+                check_finite(Z[a : a + step], "fdbd.score(): logits")
+            if not bool(torch.isfinite(norm).all()):
+                check_finite(X[a : a + step], "fdbd.score(): features")
+            out[a : a + step] = dist.div_(norm.clamp_min_(1e-12))
         return out.numpy()

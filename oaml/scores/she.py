@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .base import SCORES, FeatureSet, Score, check_choice, chunk_rows, class_sums64, float64_chunks
+from .base import SCORES, FeatureSet, Score, check_choice, class_sums, float64_chunks
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,12 @@ class SHE(Score):
             )
         n_ok = torch.bincount(y[correct], minlength=C)
         # the sums of the correctly classified rows: the others go to an extra row C, dropped
-        # (no boolean-indexed copy of the train set); chunks of ~1 MiB in float64, in cache
-        patterns = class_sums64(f, torch.where(correct, y, C), C + 1, chunk=chunk_rows(f.shape[1]))[:C]
+        # (no boolean-indexed copy of the train set)
+        patterns = class_sums(f, torch.where(correct, y, C), C + 1)[:C]
         patterns = patterns / n_ok.clamp_min(1).to(torch.float64)[:, None]
         fallback = torch.nonzero(n_ok == 0).flatten()
         if len(fallback):
-            sums = class_sums64(f, y, C)
+            sums = class_sums(f, y, C)
             patterns[fallback] = sums[fallback] / n_all[fallback].to(torch.float64)[:, None]
             log.warning(
                 "she: class(es) %s have no correctly classified train sample; their pattern is the "
