@@ -160,3 +160,23 @@ def test_evaluation_profile_splits_the_wall_time_by_stage(trained, tmp_path):
     parts = sum(prof["features"].values()) + prof["fit"] + prof["score"] + prof["metrics"] + prof["write"] + prof["plots"] + prof["check_files"]
     assert 0 < parts <= prof["total"] + 1e-6 and prof["evaluate"] <= prof["total"]
     assert prof["plots"] > 0 and (out / "plots" / "histograms.png").exists()
+
+
+def test_channels_last_evaluation_equals_the_standard_layout(trained, tmp_path):
+    # on a CPU the evaluator runs the model in channels-last (NHWC) memory format by default: the same scores to
+    # float32 rounding, the network passes faster (oneDNN's NHWC kernels)
+    import copy
+
+    model, pre = trained
+    names = ["msp", "odin", "gram", "mds", "knn"]
+    std, nhwc = copy.deepcopy(model).to(memory_format=torch.contiguous_format), copy.deepcopy(model)
+    ra = _evaluator(std, pre, tmp_path / "std", scores=names, channels_last=False)
+    rb = _evaluator(nhwc, pre, tmp_path / "nhwc", scores=names)
+    convs = lambda m: [p for p in m.parameters() if p.dim() == 4]  # noqa: E731
+    assert all(p.is_contiguous() for p in convs(std))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs(nhwc))
+    assert not all(p.is_contiguous() for p in convs(nhwc))  # (1x1 and 1-channel kernels are both)
+    ra.run(), rb.run()
+    for name in names:
+        for split, a in ra.raw_scores[name].items():
+            np.testing.assert_allclose(rb.raw_scores[name][split], a, rtol=1e-4, atol=1e-6, err_msg=f"{name} {split}")

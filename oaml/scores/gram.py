@@ -35,7 +35,9 @@ def gram_features(maps: List[torch.Tensor], powers: int) -> List[torch.Tensor]:
         # arithmetic, and varied with the allocator's state: 0.75 to 1.33 s for the same benchmark row)
         step = max(1, _GRAM_CHUNK_BYTES // (8 * C * HW))
         for a in range(0, B, step):
-            F = M[a : a + step].to(torch.float64)
+            # row-major whatever the maps' layout (a channels-last map's flatten(2) is a strided view): the GEMMs
+            # below then see standard strides (on strided chunks they took 1.5x as long)
+            F = M[a : a + step].to(torch.float64, memory_format=torch.contiguous_format)
             Fp = F.clone() if powers > 1 else F
             for p in range(1, powers + 1):
                 if p > 1:
