@@ -76,7 +76,8 @@ def scores_section(d: Dict[str, Any]) -> List[str]:
         f"{', '.join(x for x in (meta.get('date'), _load_note(meta, 'loadavg_before', 'loadavg_after')) if x)}): "
         f"fit + score seconds on seeded features "
         f"({meta['n_train']:,} x {meta['dim']} train, {meta['n_val']:,} val, {meta['n_test']:,} test), "
-        "each side on the same tensors; a ratio is the peer's time over ours (> 1: we are faster).",
+        "each side on the same tensors; a ratio is the peer's time over ours (> 1: we are faster)."
+        + (f" {meta['timing'][0].upper()}{meta['timing'][1:]}." if meta.get("timing") else ""),
         "",
         "| score | C | oaml s | pytorch-ood s (ratio) | OpenOOD s (ratio) | floor s (ours / floor) | goal | met |",
         "|---|---|---|---|---|---|---|---|",
@@ -127,7 +128,10 @@ def scores_section(d: Dict[str, Any]) -> List[str]:
     out += ["", f"Every score ({len({r['score'] for r in rows})} scores x {len({r['classes'] for r in rows})} class counts): "
             f"ours at or under the fastest peer in {len(with_peer) - len(slower)} of the {len(with_peer)} rows that have a peer."]
     if slower:
-        worst = ", ".join(f"{r['score']} C={r['classes']} {_s(r['ours_s'])} s vs {_s(f)} s" for _, r, f in slower[:8])
+        def pair(a: float, b: float) -> str:  # milliseconds below 10 ms (seconds would print 0.000 vs 0.000)
+            return f"{1e3 * a:.2f} ms vs {1e3 * b:.2f} ms" if b < 0.01 else f"{_s(a)} s vs {_s(b)} s"
+
+        worst = ", ".join(f"{r['score']} C={r['classes']} {pair(r['ours_s'], f)}" for _, r, f in slower[:8])
         out.append(f"Slower than a peer in {len(slower)} (largest gaps first): {worst}"
                    + (f", and {len(slower) - 8} more within {slower[8][0] * 1000:.1f} ms." if len(slower) > 8 else "."))
     return out
@@ -208,11 +212,13 @@ def eval_section(d: Dict[str, Any]) -> List[str]:
     feat = sum(v["fit"] + v["score"] + v["metrics"] for s, v in per.items() if s not in model_scores)
     model = sum(v["fit"] + v["score"] + v["metrics"] for s, v in per.items() if s in model_scores)
     total = d["wall_seconds"]
+    each = ", ".join(f"{s.upper()} {sum(per[s].values()):.1f}" for s in model_scores)
     return [f"**Evaluation** (`benchmarks/eval_profile.py`, `benchmarks/results/eval_profile.json`; {d['checkpoint']}, "
             f"the default {len(per)} scores): {total:.0f} s in all; feature extraction {sum(prof['features'].values()):.1f} s; "
             f"the {len(per) - len(model_scores)} feature scores' fit + score + metrics {feat:.1f} s ({100 * feat / total:.1f}% of the "
-            f"evaluation; goal < 10%); {' and '.join(s.upper() for s in model_scores)}, which pass images through the model "
-            f"again, {model:.1f} s; plots {prof.get('plots', 0):.1f} s."]
+            f"evaluation); {' and '.join(s.upper() for s in model_scores)}, which pass images through the model "
+            f"again, {model:.1f} s ({each}); fit + score + metrics of all {len(per)} scores {100 * d['scoring_fraction']:.1f}% "
+            f"(goal < 10%: {'met' if d['met'] else 'not met'}); plots {prof.get('plots', 0):.1f} s."]
 
 
 # ------------------------------------------------------------------------------------ paired
