@@ -337,19 +337,28 @@ class _TorchSearch:
                 if a == p and p < M:
                     cut = _prune_cut(out[:p], keep, tol)
                 continue
-            if self.n <= 1 << 24:  # counts of a float 0/1 mask are exact up to 2^24
-                cnt = torch.gt(sims, cut, out=mbuf[:b - a]).sum(1)
-            else:
-                cnt = torch.gt(sims, cut).sum(1)
-            live = (cnt < k).nonzero().squeeze(1)
-            if live.numel():
-                out[a + live] = 2.0 - 2.0 * self._kth_of(sims.index_select(0, live), k)
-                ranked += live.numel()
-                if b < M:
-                    cut = _prune_cut(out[:b], keep, tol)
+            live = self._rank_unpruned(sims, torch.arange(a, b), cut, k, out, mbuf[:b - a])
+            ranked += live
+            if live and b < M:
+                cut = _prune_cut(out[:b], keep, tol)
             a = b
         self._count(ranked)
         return out
+
+    def _rank_unpruned(self, sims: torch.Tensor, rows: torch.Tensor, cut: float, k: int, out: torch.Tensor,
+                       mask: Optional[torch.Tensor] = None) -> int:
+        """The float32 pruning test of :meth:`top_kth_d2` on a block: of the query ``rows`` (float32 similarities
+        ``sims`` to the whole class), those with fewer than ``k`` similarities above ``cut`` get
+        ``out[row] = 2 - 2 * (k-th similarity)``; returns how many. ``mask``: a reusable float buffer of
+        ``sims``' shape (the float sum of a 0/1 mask is the fastest count, exact up to 2^24 columns)."""
+        if mask is not None and self.n <= 1 << 24:
+            cnt = torch.gt(sims, cut, out=mask).sum(1)
+        else:
+            cnt = torch.gt(sims, cut).sum(1)
+        live = (cnt < k).nonzero().squeeze(1)
+        if live.numel():
+            out[rows[live]] = 2.0 - 2.0 * self._kth_of(sims.index_select(0, live), k)
+        return live.numel()
 
     def _top_kth_d2_bf16(self, Q: torch.Tensor, k: int, keep: int, tol: float, block_rows: int,
                          order: Optional[torch.Tensor]) -> torch.Tensor:
@@ -420,11 +429,7 @@ class _TorchSearch:
             alive = alive[c < k]
         ranked = first.numel()
         if alive.numel():  # the float32 pass and its pruning test
-            sims = torch.mm(Q.index_select(0, alive), self.Zt)
-            live = (torch.gt(sims, cut).sum(1) < k).nonzero().squeeze(1)
-            if live.numel():
-                out[alive[live]] = 2.0 - 2.0 * self._kth_of(sims.index_select(0, live), k)
-                ranked += live.numel()
+            ranked += self._rank_unpruned(torch.mm(Q.index_select(0, alive), self.Zt), alive, cut, k, out)
         self._count(ranked, screened=M)
         return out
 
