@@ -40,12 +40,14 @@ name the CNN's modules (rankfeat and vra: the last block's map ``blocks.2``, pyt
 backbone/head split there; nac: ``blocks.0..2``); vra uses ``below="clip"`` (pytorch-ood's
 rectification; the default ``"zero"`` costs the same).
 
-Timing: every side of a row (ours, pytorch-ood, OpenOOD) is built afresh and run once; when that run
-takes under --repeat-under seconds (default 2) it was a warm-up, and --repeats more runs (default 3)
-are timed, their median reported; else the one run is. The JSON records the timed runs per side
-(ours_runs, theirs_runs, openood_runs). Sub-second rows are otherwise at the mercy of cold starts (the
-first model score of a run paid the network's first-call costs; the peers' timed pass followed the
-untimed 1/10 subset of their projection, ours did not).
+Timing: every side of a row (ours, pytorch-ood, OpenOOD) is built afresh and run once, in turn; a side
+whose run takes under --repeat-under seconds (default 2) counts it as a warm-up and is timed --repeats
+more times (default 3), the sides taking turns (ours, theirs, OpenOOD, ours, ...) so that a drift of
+the machine's speed hits all alike, and the median reported; else the one run is. The JSON records
+the timed runs per side (ours_runs, theirs_runs, openood_runs). Sub-second rows are otherwise at the
+mercy of cold starts (the first model score of a run paid the network's first-call costs; the peers'
+timed pass followed the untimed 1/10 subset of their projection, ours did not) and of drift (each
+side's runs used to follow one another).
 
 If a pytorch-ood detector is projected to exceed --their-budget seconds (measured on a 1/10
 subset of the test set, or of the model-test batches, first), its time is extrapolated linearly
@@ -159,23 +161,26 @@ def ours_kwargs(name, n_train) -> dict:
 REPEATS, REPEAT_UNDER = 3, 2.0
 
 
-def median_of_runs(run_once):
-    """``run_once() -> (seconds, scores, extrapolated)`` called once; when that run took under REPEAT_UNDER seconds
-    and was not extrapolated, it counts as a warm-up (the process's first call of a code path pays for its
-    allocations, oneDNN primitives and caches) and REPEATS more runs are timed; (median seconds, last scores,
-    extrapolated, timed runs). Each call builds its detector afresh (no state carried between runs); the same rule
-    holds for every side."""
-    t, out, extrap = run_once()
-    times = [t]
-    if not extrap and t < REPEAT_UNDER:
-        times = []
-        for _ in range(REPEATS):
-            t, out, extrap = run_once()
-            times.append(t)
-    return float(np.median(times)), out, extrap, len(times)
+def interleaved_medians(sides):
+    """``sides``: {name: run_once() -> (seconds, scores, extrapolated)}. Every side is run once, in turn; the sides
+    whose run took under REPEAT_UNDER seconds and was not extrapolated count that run as a warm-up (the process's
+    first call of a code path pays for its allocations, oneDNN primitives and caches) and are then run REPEATS more
+    times, taking turns (A, B, C, A, B, C, ...), so that a drift of the machine's speed hits every side alike.
+    Returns {name: (median seconds, last scores, extrapolated, timed runs)}. Each call builds its detector afresh
+    (no state carried between runs); the same rule holds for every side."""
+    last = {k: f() for k, f in sides.items()}
+    again = [k for k, (t, _, extrap) in last.items() if not extrap and t < REPEAT_UNDER]
+    times = {k: [last[k][0]] for k in sides if k not in again}
+    times.update({k: [] for k in again})
+    for _ in range(REPEATS if again else 0):
+        for k in again:
+            last[k] = sides[k]()
+            times[k].append(last[k][0])
+    return {k: (float(np.median(times[k])), last[k][1], last[k][2], len(times[k])) for k in sides}
 
 
-def run_ours(name, C, D, head, tr, va, te, kw=None):
+def ours_once(name, head, tr, va, te, kw=None):
+    """(run_once for :func:`interleaved_medians`, state: the last fitted score under "s")."""
     state = {}
 
     def once():
@@ -187,11 +192,7 @@ def run_ours(name, C, D, head, tr, va, te, kw=None):
         state["s"] = s
         return time.perf_counter() - t0, out, False
 
-    t, out, _, runs = median_of_runs(once)
-    s = state["s"]
-    info = {k: getattr(s, k) for k in ("precision_", "backend_") if hasattr(s, k)}
-    info["ours_runs"] = runs
-    return t, out, info
+    return once, state
 
 
 # ------------------------------------------------------------------------- pytorch-ood side
@@ -265,7 +266,7 @@ def extra_their_detector(name, C, fc, head, tr, va, kw):
     if name == "webo":  # our default weights (None) = all ones = EBO
         d = pd.WeightedEBO(None, torch.ones(1, C))
         return none, (lambda fs: d.predict_logits(fs.logits))
-    if name == "tscaling":  # L-BFGS on T (needs gradients): run_theirs enables them
+    if name == "tscaling":  # L-BFGS on T (needs gradients): theirs_once enables them
         d = pd.TemperatureScaling(None)
         return (lambda: d.fit_logits(va.logits, va.labels)), (lambda fs: d.predict_logits(fs.logits))
     if name == "lts":
@@ -621,7 +622,8 @@ def extra_openood_detector(name, C, head, tr, va, kw):
     return None
 
 
-def run_openood(name, C, head, tr, va, te, budget, batch, kw=None):
+def openood_once(name, C, head, tr, va, te, budget, batch, kw=None):
+    """run_once of the OpenOOD re-expression for :func:`interleaved_medians`, or None where there is none."""
     if openood_detector(name, C, head, tr, va, kw) is None:
         return None
 
@@ -635,10 +637,10 @@ def run_openood(name, C, head, tr, va, te, budget, batch, kw=None):
                  for i in range(0, len(fs), batch)]
             )
 
-        return _timed(fit, pred_all, te, budget, negate=False)
+        with torch.no_grad():
+            return _timed(fit, pred_all, te, budget, negate=False)
 
-    with torch.no_grad():
-        return median_of_runs(once)
+    return once
 
 
 def _timed(fit, predict, te, budget, negate):
@@ -667,17 +669,19 @@ def subset(fs: FeatureSet, n: int) -> FeatureSet:
     return FeatureSet(fs.logits[idx], fs.features[idx], fs.labels[idx], layers)
 
 
-def run_theirs(name, C, head, tr, va, te, budget, kw=None):
-    """(seconds, ID-higher scores or None, extrapolated), or None without a pytorch-ood detector."""
-    with torch.no_grad() if name not in ("gradnorm", "tscaling") else torch.enable_grad():
+def theirs_once(name, C, head, tr, va, te, budget, kw=None):
+    """run_once of the pytorch-ood detector for :func:`interleaved_medians`, or None without one."""
+    grad = name in ("gradnorm", "tscaling")
+    with torch.no_grad():
         if their_detector(name, C, head, tr, va, kw) is None:
             return None
 
-        def once():
+    def once():
+        with torch.enable_grad() if grad else torch.no_grad():
             fit, predict = their_detector(name, C, head, tr, va, kw)
             return _timed(fit, predict, te, budget, negate=True)
 
-        return median_of_runs(once)
+    return once
 
 
 # ----------------------------------------------------------------------------- model scores
@@ -745,7 +749,12 @@ def run_model_scores(C, n_train, n_test, seed, budget, with_theirs, names=MODEL_
             out = s.score(model=model, loader=te_loader)
             return time.perf_counter() - t0, out, False
 
-        t_ours, ours, _, runs = median_of_runs(once)
+        def once_theirs():
+            fit, predict, grad = their_model_detector(name, fresh_model(), C, seed, tr_loader)
+            return _timed_model(fit, predict, te_loader, budget, grad)
+
+        res = interleaved_medians({"ours": once, **({"theirs": once_theirs} if with_theirs else {})})
+        t_ours, ours, _, runs = res["ours"]
         s = create_score(name, **kw)
         row = {"score": name, "classes": C, "ours_s": t_ours, "ours_runs": runs}
         if s.fit_on != "none":
@@ -754,11 +763,7 @@ def run_model_scores(C, n_train, n_test, seed, budget, with_theirs, names=MODEL_
         if kw:
             row["ours_kwargs"] = kw
         if with_theirs:
-            def once_theirs():
-                fit, predict, grad = their_model_detector(name, fresh_model(), C, seed, tr_loader)
-                return _timed_model(fit, predict, te_loader, budget, grad)
-
-            t_theirs, theirs, extrap, runs = median_of_runs(once_theirs)
+            t_theirs, theirs, extrap, runs = res["theirs"]
             row.update(theirs_s=t_theirs, extrapolated=extrap, theirs_runs=runs)
             if theirs is not None:
                 row["auroc_theirs"] = ood_metrics(theirs[:n_id], theirs[n_id:])["auroc"]
@@ -882,7 +887,7 @@ def time_floors(C, head, tr, va, te, K=50) -> dict:
     index = faiss.IndexFlatL2(D)
     index.add(Xn)
     out["knn_faiss_search_s"] = _best(lambda: index.search(Tn, K), n=1)
-    out["knn_faiss_backend_s"], _, _ = run_ours("knn", C, D, head, tr, va, te, {"backend": "faiss", "K": K})
+    out["knn_faiss_backend_s"] = interleaved_medians({"ours": ours_once("knn", head, tr, va, te, {"backend": "faiss", "K": K})[0]})["ours"][0]
     return out
 
 
@@ -998,7 +1003,16 @@ def main(argv=None):
             else:
                 sets = (tr, va, te)
             kw = ours_kwargs(name, args.n_train)
-            t_ours, ours, info = run_ours(name, C, args.dim, head, *sets, kw)
+            once, state = ours_once(name, head, *sets, kw)
+            sides = {"ours": once}
+            if not args.no_theirs and (f := theirs_once(name, C, head, *sets, args.their_budget, kw)) is not None:
+                sides["theirs"] = f
+            if not args.no_openood and (f := openood_once(name, C, head, *sets, args.their_budget, args.openood_batch, kw)):
+                sides["openood"] = f
+            res = interleaved_medians(sides)
+            t_ours, ours, _, runs = res["ours"]
+            info = {k: getattr(state["s"], k) for k in ("precision_", "backend_") if hasattr(state["s"], k)}
+            info["ours_runs"] = runs
             row = {
                 "score": name,
                 "classes": C,
@@ -1008,22 +1022,18 @@ def main(argv=None):
             }
             if kw:
                 row["ours_kwargs"] = kw
-            if not args.no_theirs:
-                res = run_theirs(name, C, head, *sets, args.their_budget, kw)
-                if res is not None:
-                    t_theirs, theirs, extrap, runs = res
-                    row.update(theirs_s=t_theirs, extrapolated=extrap, ratio=t_theirs / t_ours, theirs_runs=runs)
-                    if theirs is not None:
-                        row["auroc_theirs"] = ood_metrics(theirs[:n_id], theirs[n_id:])["auroc"]
-                        row["spearman"] = spearman(ours, theirs)
-            if not args.no_openood:
-                res = run_openood(name, C, head, *sets, args.their_budget, args.openood_batch, kw)
-                if res is not None:
-                    t_oo, oo, extrap, runs = res
-                    row.update(openood_s=t_oo, openood_extrapolated=extrap, openood_ratio=t_oo / t_ours, openood_runs=runs)
-                    if oo is not None:
-                        row["auroc_openood"] = ood_metrics(oo[:n_id], oo[n_id:])["auroc"]
-                        row["spearman_openood"] = spearman(ours, oo)
+            if "theirs" in res:
+                t_theirs, theirs, extrap, runs = res["theirs"]
+                row.update(theirs_s=t_theirs, extrapolated=extrap, ratio=t_theirs / t_ours, theirs_runs=runs)
+                if theirs is not None:
+                    row["auroc_theirs"] = ood_metrics(theirs[:n_id], theirs[n_id:])["auroc"]
+                    row["spearman"] = spearman(ours, theirs)
+            if "openood" in res:
+                t_oo, oo, extrap, runs = res["openood"]
+                row.update(openood_s=t_oo, openood_extrapolated=extrap, openood_ratio=t_oo / t_ours, openood_runs=runs)
+                if oo is not None:
+                    row["auroc_openood"] = ood_metrics(oo[:n_id], oo[n_id:])["auroc"]
+                    row["spearman_openood"] = spearman(ours, oo)
             rows.append(row)
             print_row(row)
         if "mds" in args.scores or "knn" in args.scores:
@@ -1066,7 +1076,7 @@ def main(argv=None):
         "repeats": args.repeats,
         "repeat_under_s": args.repeat_under,
         "timing": f"every side: when one run takes under {args.repeat_under} s, it is a warm-up and the median of "
-                  f"{args.repeats} more runs is reported, else the one run",
+                  f"{args.repeats} more runs is reported, the sides of a row taking turns; else the one run",
         "not_benchmarked": sorted(set(SCORES.primary_names()) - set(args.scores) - set(args.model_scores)),
         "git_commit": _git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

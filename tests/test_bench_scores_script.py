@@ -90,3 +90,31 @@ def test_floors_and_metrics_comparison(result):
     assert m["auroc_theirs"] == pytest.approx(m["auroc_ours"], abs=1e-6)
     assert m["auroc_openood"] == pytest.approx(m["auroc_ours"], abs=1e-6)
     assert "floors C=10" in stdout and "metrics of 20000 scores" in stdout
+
+
+def test_sides_of_a_row_take_turns_after_one_warm_up_each(monkeypatch):
+    # interleaved_medians: each side once (a warm-up when under REPEAT_UNDER s), then REPEATS timed runs taking
+    # turns; a slow or extrapolated first run is the only one
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_scores", ROOT / "benchmarks" / "scores.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "REPEATS", 3)
+    monkeypatch.setattr(mod, "REPEAT_UNDER", 2.0)
+    calls, times = [], {"a": iter([9.0, 1.0, 3.0, 2.0]), "b": iter([0.5, 0.1, 0.3, 0.2]), "slow": iter([5.0]),
+                        "extra": iter([1.0])}
+
+    def side(name, extrap=False):
+        def once():
+            calls.append(name)
+            return next(times[name]), name, extrap
+        return once
+
+    res = mod.interleaved_medians({"a": side("a"), "b": side("b"), "slow": side("slow"), "extra": side("extra", True)})
+    assert calls == ["a", "b", "slow", "extra", "b", "b", "b"]  # "a": its 9 s first run is the one (not under 2 s)
+    assert res["a"] == (9.0, "a", False, 1) and res["slow"][3] == 1 and res["extra"] == (1.0, "extra", True, 1)
+    assert res["b"] == (0.2, "b", False, 3)  # the median of the 3 runs after the warm-up (0.5 dropped)
+    times["a"], times["b"], calls[:] = iter([1.0, 3.0, 2.0, 4.0]), iter([0.5, 0.1, 0.3, 0.2]), []
+    res = mod.interleaved_medians({"a": side("a"), "b": side("b")})
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"] and res["a"][0] == 3.0 and res["b"][0] == 0.2
