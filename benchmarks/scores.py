@@ -1022,18 +1022,15 @@ def main(argv=None):
             }
             if kw:
                 row["ours_kwargs"] = kw
-            if "theirs" in res:
-                t_theirs, theirs, extrap, runs = res["theirs"]
-                row.update(theirs_s=t_theirs, extrapolated=extrap, ratio=t_theirs / t_ours, theirs_runs=runs)
-                if theirs is not None:
-                    row["auroc_theirs"] = ood_metrics(theirs[:n_id], theirs[n_id:])["auroc"]
-                    row["spearman"] = spearman(ours, theirs)
-            if "openood" in res:
-                t_oo, oo, extrap, runs = res["openood"]
-                row.update(openood_s=t_oo, openood_extrapolated=extrap, openood_ratio=t_oo / t_ours, openood_runs=runs)
-                if oo is not None:
-                    row["auroc_openood"] = ood_metrics(oo[:n_id], oo[n_id:])["auroc"]
-                    row["spearman_openood"] = spearman(ours, oo)
+            # the peers' columns: seconds, extrapolated, ratio, runs, AUROC, Spearman to ours
+            for side, keys in (("theirs", ("theirs_s", "extrapolated", "ratio", "theirs_runs", "auroc_theirs", "spearman")),
+                               ("openood", ("openood_s", "openood_extrapolated", "openood_ratio", "openood_runs",
+                                            "auroc_openood", "spearman_openood"))):
+                if side in res:
+                    t, out, extrap, runs = res[side]
+                    row.update(zip(keys[:4], (t, extrap, t / t_ours, runs)))
+                    if out is not None:
+                        row.update(zip(keys[4:], (ood_metrics(out[:n_id], out[n_id:])["auroc"], spearman(ours, out))))
             rows.append(row)
             print_row(row)
         if "mds" in args.scores or "knn" in args.scores:
