@@ -29,9 +29,10 @@ provably cannot reach the float64 shortlist (:meth:`_TorchSearch.top_kth_d2`: a 
 similarities above a cut, one pass over a cache-sized GEMM block; at the paper's settings about 5%
 of the candidates are ranked; on a CPU with native bfloat16 GEMMs the count is decided on a bfloat16 GEMM,
 about 4x the float32 rate, wherever its rigorous error bound makes the answer certain, and only the
-other rows get the float32 GEMM: :meth:`_TorchSearch._top_kth_d2_bf16`; classes of 2,048 vectors or more
-are screened a quarter of their columns at a time, most candidates being decided on part of the
-class), and the (repeat, boundary point) blocks run on
+other rows get the float32 GEMM: :meth:`_TorchSearch._top_kth_d2_bf16`; the class's vectors are
+screened in chunks, nearest first to the candidates' boundary point (to the class mean for the
+boundary step), so that most candidates are decided on the first ~2K of them), and the (repeat,
+boundary point) blocks run on
 ``torch.get_num_threads()`` worker threads of one intra-op thread each, the noise still drawn in
 the documented order (:func:`_farthest_candidates`). The output is the chunked search's, bit for
 bit, with the bfloat16 screen or without it (tests/test_knn_sampler.py keeps the pre-optimisation
@@ -798,7 +799,8 @@ def _farthest_candidates(search: _TorchSearch, generator: torch.Generator, Bpts:
     workers = max(1, min(threads, tasks)) if _openmp_backend() else 1
     local = threading.local()
     turnstile = _Turnstile()
-    centre_sims = torch.mm(Bpts, search.Zt) if search.Z_bf is not None else None  # (S, n)
+    # per boundary point, the class nearest-first to it (the candidates lie around it): the bfloat16 screen's order
+    orders = torch.argsort(torch.mm(Bpts, search.Zt), dim=1, descending=True) if search.Z_bf is not None else None
 
     def task(t: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not hasattr(local, "cand"):  # per-thread buffers
@@ -810,9 +812,7 @@ def _farthest_candidates(search: _TorchSearch, generator: torch.Generator, Bpts:
         i = t % S
         _candidates(Bpts[i:i + 1], cand[None], sigma, inplace=True)
         # (full float32 GEMMs: the caller holds _full_fp32, a process-wide setting, for the whole call)
-        # the class nearest-first to this boundary point, around which the candidates lie (for the bfloat16 screen)
-        order = None if search.Z_bf is None else torch.argsort(centre_sims[i], descending=True)
-        approx = search.top_kth_d2(cand, K, m, tol, block_rows, local.buf, order=order)
+        approx = search.top_kth_d2(cand, K, m, tol, block_rows, local.buf, order=None if orders is None else orders[i])
         _, cols = _shortlist(approx[None], m, tol)
         return cols, cand[cols]  # a copy: the buffers are reused
 
