@@ -136,7 +136,9 @@ class Evaluator:
                 raise ConfigError(f"OOD set {o.name!r} has group {o.group!r}; use 'near', 'far' or 'extra'")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        if self.device.type == "cpu" if channels_last is None else channels_last:
+        if channels_last is None:
+            channels_last = self.device.type == "cpu"
+        if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.preprocess = preprocess.to(self.device)
         if fit_limit is not None and len(id_train) > fit_limit:  # type: ignore[arg-type]
