@@ -170,8 +170,7 @@ def interleaved_medians(sides):
     (no state carried between runs); the same rule holds for every side."""
     last = {k: f() for k, f in sides.items()}
     again = [k for k, (t, _, extrap) in last.items() if not extrap and t < REPEAT_UNDER]
-    times = {k: [last[k][0]] for k in sides if k not in again}
-    times.update({k: [] for k in again})
+    times = {k: [] if k in again else [last[k][0]] for k in sides}
     for _ in range(REPEATS if again else 0):
         for k in again:
             last[k] = sides[k]()
